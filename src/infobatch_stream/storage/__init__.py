@@ -1,0 +1,16 @@
+"""The persistent score store: snapshots, deltas, commits and the per-machine cache.
+
+Knows nothing of torch or webdataset; everything is numpy, Arrow IPC, JSON and fsspec.
+"""
+
+from .errors import CorruptStoreError, NotAStoreError, StoreError
+from .keys import KEY_HASH_NAME, hash_key, hash_keys
+from .layout import Manifest
+from .snapshot import ScoreSnapshot
+from .store import ScoreStore
+from .writer import DeltaWriter
+
+__all__ = [
+    "KEY_HASH_NAME", "CorruptStoreError", "DeltaWriter", "Manifest", "NotAStoreError",
+    "ScoreSnapshot", "ScoreStore", "StoreError", "hash_key", "hash_keys",
+]

@@ -1,0 +1,30 @@
+"""Errors raised by the score store. Each names the file or URL at fault and what to do."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base class of every error the score store raises."""
+
+
+class NotAStoreError(StoreError):
+    """The URL holds something that is not an infobatch-stream score store."""
+
+
+class CorruptStoreError(StoreError):
+    """A persisted file is truncated, malformed or does not match its manifest.
+
+    ``path`` is the file at fault; ``last_good_epoch`` the newest epoch whose manifest and
+    snapshot still verify (None when there is none).
+    """
+
+    def __init__(self, path: str, problem: str, last_good_epoch: int | None):
+        self.path = path
+        self.problem = problem
+        self.last_good_epoch = last_good_epoch
+        good = "none" if last_good_epoch is None else str(last_good_epoch)
+        super().__init__(
+            f"{path}: {problem}. Last good epoch: {good}. The file was written by a crashed or "
+            f"foreign process, or damaged in storage; restore it, or delete the epochs after the "
+            f"last good one to resume from there."
+        )

@@ -1,0 +1,146 @@
+"""The few filesystem operations the store needs, on any fsspec filesystem.
+
+Only two things depend on the backend, and both are decided here:
+
+- where a file is local it is memory-mapped in place; elsewhere it is fetched into a cache;
+- a whole-file write is atomic: locally a temporary file is renamed (or hard-linked, for an
+  exclusive create) into place; object stores (S3, GCS, ...) make a single PUT visible whole.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+TMP_PREFIX = ".tmp-"
+
+
+def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
+    """(filesystem, root path without a trailing slash) for a store URL or local path."""
+    if not isinstance(url, (str, os.PathLike)):
+        raise TypeError(f"store URL must be a str or path, got {type(url).__name__}")
+    url = os.fspath(url)
+    if not url:
+        raise ValueError("store URL is empty; pass a directory or an URL such as s3://bucket/scores")
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, root.rstrip("/") or root
+
+
+def local_path(fs: AbstractFileSystem, path: str) -> str | None:
+    """The OS path of ``path`` when ``fs`` is the local disk, else None."""
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return path if ("file" in protocol or "local" in protocol) else None
+
+
+def join(root: str, relpath: str) -> str:
+    return f"{root}/{relpath}"
+
+
+def read_bytes(fs: AbstractFileSystem, path: str) -> bytes:
+    return fs.cat_file(path)
+
+
+def list_names(fs: AbstractFileSystem, directory: str) -> list[str]:
+    """Base names in ``directory`` (empty when it does not exist), never from a stale cache."""
+    fs.invalidate_cache(directory)
+    try:
+        entries = fs.ls(directory, detail=False)
+    except FileNotFoundError:
+        return []
+    names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries]
+    return sorted(name for name in names if name and not name.startswith(TMP_PREFIX))
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _local_install(tmp: str, final: str, exclusive: bool) -> None:
+    """Move a complete local temporary file into place; with ``exclusive``, never replace."""
+    try:
+        if exclusive:
+            os.link(tmp, final)  # fails with FileExistsError instead of replacing
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(os.path.dirname(final))
+
+
+def local_tmp_name(final: str) -> str:
+    directory, base = os.path.split(final)
+    return os.path.join(directory, f"{TMP_PREFIX}{uuid.uuid4().hex}-{base}")
+
+
+def write_bytes(fs: AbstractFileSystem, path: str, data: bytes, *, exclusive: bool = False) -> None:
+    """Write a whole file so that no reader ever sees part of it.
+
+    With ``exclusive`` an existing file is never replaced: FileExistsError instead.
+    """
+    local = local_path(fs, path)
+    if local is not None:
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        tmp = local_tmp_name(local)
+        with open(tmp, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        _local_install(tmp, local, exclusive)
+        return
+    if exclusive:
+        _remote_create(fs, path, lambda **kw: fs.pipe_file(path, data, **kw))
+    else:
+        fs.pipe_file(path, data)
+
+
+def _remote_create(fs: AbstractFileSystem, path: str, write: Any) -> None:
+    """An exclusive create on a remote filesystem: ``write(**kw)`` as a conditional PUT where
+    the backend has one (s3fs sends If-None-Match), else after a check (racy, but one rank
+    commits)."""
+    try:
+        write(mode="create")
+    except TypeError:  # a backend without ``mode``
+        if fs.exists(path):
+            raise FileExistsError(path) from None
+        write()
+
+
+def put_file(fs: AbstractFileSystem, source: str, path: str, *, exclusive: bool = False,
+             callback: Any = None) -> None:
+    """Copy the complete local file ``source`` to ``path``, atomically (see ``write_bytes``)."""
+    local = local_path(fs, path)
+    if local is not None:
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        tmp = local_tmp_name(local)
+        try:
+            os.link(source, tmp)  # same disk: no copy
+        except OSError:
+            import shutil
+
+            shutil.copyfile(source, tmp)
+        _local_install(tmp, local, exclusive)
+        return
+    kwargs = {"callback": callback} if callback is not None else {}
+    if exclusive:
+        _remote_create(fs, path, lambda **kw: fs.put_file(source, path, **kwargs, **kw))
+    else:
+        fs.put_file(source, path, **kwargs)
+
+
+def remove(fs: AbstractFileSystem, path: str) -> None:
+    """Delete one file; a file that is already gone is not an error."""
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,175 @@
+"""The store's files: their names, the manifest's fields, and the checks on both.
+
+A store is a directory (or a prefix of a bucket)::
+
+    <root>/infobatch-store.json                      marker: format and key hash, written once
+    <root>/manifests/epoch-00000005.json             one per committed epoch, written last
+    <root>/snapshots/epoch-00000005-<32 hex>.arrow   all known scores after epoch 5
+    <root>/deltas/epoch-00000006/<ns>-r<rank>-s<seq>-<12 hex>.arrow   flushed, not yet merged
+
+Every file is written once and never rewritten. A delta's name sorts in write order (its
+first field is the flush time in nanoseconds). Names read back from a manifest must match
+these patterns exactly, so a manifest can never point outside the store's root.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FORMAT = "infobatch-stream/1"
+MARKER = "infobatch-store.json"
+MANIFESTS = "manifests"
+SNAPSHOTS = "snapshots"
+DELTAS = "deltas"
+MAX_EPOCH = 99_999_999  # eight digits in every name; far beyond any training run
+
+_MANIFEST_RE = re.compile(r"^epoch-(\d{8})\.json$")
+_SNAPSHOT_RE = re.compile(r"^snapshots/epoch-(\d{8})-[0-9a-f]{32}\.arrow$")
+_DELTA_RE = re.compile(r"^deltas/epoch-(\d{8})/\d{20}-r\d{5}-s\d{6}-[0-9a-f]{12}\.arrow$")
+
+
+def manifest_name(epoch: int) -> str:
+    return f"{MANIFESTS}/epoch-{epoch:08d}.json"
+
+
+def manifest_epoch(basename: str) -> int | None:
+    """The epoch of a file in ``manifests/``, or None for a name that is not a manifest."""
+    match = _MANIFEST_RE.match(basename)
+    return int(match.group(1)) if match else None
+
+
+def snapshot_name(epoch: int, unique: str) -> str:
+    return f"{SNAPSHOTS}/epoch-{epoch:08d}-{unique}.arrow"
+
+
+def snapshot_epoch(relpath: str) -> int | None:
+    match = _SNAPSHOT_RE.match(relpath)
+    return int(match.group(1)) if match else None
+
+
+def delta_dir(epoch: int) -> str:
+    return f"{DELTAS}/epoch-{epoch:08d}"
+
+
+def delta_name(epoch: int, time_ns: int, rank: int, seq: int, unique: str) -> str:
+    return f"{delta_dir(epoch)}/{time_ns:020d}-r{rank:05d}-s{seq:06d}-{unique}.arrow"
+
+
+def is_delta_name(relpath: str, epoch: int) -> bool:
+    match = _DELTA_RE.match(relpath)
+    return bool(match) and int(match.group(1)) == epoch
+
+
+def check_epoch(epoch: Any, what: str = "epoch") -> int:
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
+        raise TypeError(f"{what} must be an int, got {type(epoch).__name__}")
+    if not 0 <= epoch <= MAX_EPOCH:
+        raise ValueError(f"{what} must be in [0, {MAX_EPOCH}], got {epoch}")
+    return epoch
+
+
+def check_rank(rank: Any) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= 99_999:
+        raise ValueError(f"rank must be an int in [0, 99999], got {rank!r}")
+    return rank
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What one commit made: the snapshot of ``epoch`` and the figures of that epoch.
+
+    ``mean`` is the mean of every known score (None for an empty snapshot); ``updated`` the
+    keys written in this epoch; ``duplicates`` the updates that hit a key already updated in
+    this epoch (keys collide, or a crashed attempt's deltas were merged too);
+    ``rejected_nonfinite`` the NaN/inf scores that were dropped at record time.
+    """
+
+    epoch: int
+    snapshot: str
+    snapshot_bytes: int
+    snapshot_xxh3: str
+    keys: int
+    mean: float | None
+    score_sum: float
+    updated: int
+    new_keys: int
+    duplicates: int
+    rejected_nonfinite: int
+    deltas: tuple[str, ...] = ()
+    run_id: str | None = None
+    created_at: str = ""
+    format: str = field(default=FORMAT)
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["deltas"] = list(self.deltas)
+        return json.dumps(data, indent=1, sort_keys=True, allow_nan=False).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "Manifest":
+        """Parse and check a manifest; ValueError says what is wrong with it."""
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        if data.get("format") != FORMAT:
+            raise ValueError(f"format is {data.get('format')!r}, expected {FORMAT!r}")
+        ints = ("epoch", "snapshot_bytes", "keys", "updated", "new_keys", "duplicates",
+                "rejected_nonfinite")
+        for name in ints:
+            value = data.get(name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"field {name!r} must be a non-negative integer, got {value!r}")
+        for name in ("score_sum",):
+            if not isinstance(data.get(name), (int, float)) or isinstance(data.get(name), bool):
+                raise ValueError(f"field {name!r} must be a number")
+        mean = data.get("mean")
+        if mean is not None and (not isinstance(mean, (int, float)) or isinstance(mean, bool)):
+            raise ValueError("field 'mean' must be a number or null")
+        if (mean is None) != (data["keys"] == 0):
+            raise ValueError("field 'mean' must be null exactly when 'keys' is 0")
+        if snapshot_epoch(str(data.get("snapshot"))) != data["epoch"]:
+            raise ValueError(
+                f"field 'snapshot' ({data.get('snapshot')!r}) is not a snapshot of epoch "
+                f"{data['epoch']} inside the store"
+            )
+        if not re.fullmatch(r"[0-9a-f]{16}", str(data.get("snapshot_xxh3"))):
+            raise ValueError("field 'snapshot_xxh3' must be 16 hex digits")
+        deltas = data.get("deltas")
+        if not isinstance(deltas, list) or not all(
+            isinstance(d, str) and is_delta_name(d, data["epoch"]) for d in deltas
+        ):
+            raise ValueError(f"field 'deltas' must list delta files of epoch {data['epoch']}")
+        run_id = data.get("run_id")
+        if run_id is not None and not isinstance(run_id, str):
+            raise ValueError("field 'run_id' must be a string or null")
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known} | {"deltas": tuple(deltas),
+                   "mean": None if mean is None else float(mean),
+                   "score_sum": float(data["score_sum"])})
+
+
+def marker_json(created_at: str) -> bytes:
+    from .keys import KEY_HASH_NAME
+
+    data = {"format": FORMAT, "key_hash": KEY_HASH_NAME, "created_at": created_at}
+    return json.dumps(data, indent=1, sort_keys=True).encode()
+
+
+def check_marker(raw: bytes) -> None:
+    """ValueError unless ``raw`` is a marker this version can read."""
+    from .keys import KEY_HASH_NAME
+
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"format is not {FORMAT!r}")
+    if data.get("key_hash") != KEY_HASH_NAME:
+        raise ValueError(f"key hash {data.get('key_hash')!r} is not {KEY_HASH_NAME!r}")

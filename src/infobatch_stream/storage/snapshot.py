@@ -1,0 +1,128 @@
+"""ScoreSnapshot: every known score after one committed epoch, memory-mapped, with lookups.
+
+A snapshot file is sorted by key hash. Key hashes are uniform, so a small prefix table
+(the start row of every ``k``-bit hash prefix, ~8 rows per entry) narrows a lookup to a
+handful of rows; a vectorized bisection over those few rows then finds the key. That costs
+two or three cache misses per key instead of the ~20 of a binary search over the whole
+file, and the table (4 bytes per 8 keys) is the only private memory a reader adds: the
+file's pages are shared by every process of the machine through the page cache.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .keys import hash_keys
+from .tables import SNAPSHOT_SCHEMA, open_table_file
+
+_ROWS_PER_PREFIX = 8
+_SMALL_QUERY = 16  # below this many keys a plain binary search has less overhead
+
+
+class ScoreSnapshot:
+    """The scores of one committed epoch.
+
+    >>> snap = store.snapshot()            # the latest committed epoch
+    >>> snap.epoch, len(snap), snap.mean   # doctest: +SKIP
+    (4, 1281167, 2.31)
+    >>> snap.lookup(["n01440764_10026", "never-seen"])  # doctest: +SKIP
+    array([1.93, nan], dtype=float32)
+    """
+
+    def __init__(self, epoch: int | None, hashes: np.ndarray, scores: np.ndarray,
+                 epochs: np.ndarray, mean: float | None, path: str | None = None,
+                 batch: pa.RecordBatch | None = None, digest: str | None = None):
+        self.epoch = epoch
+        self.digest = digest
+        self.hashes = hashes
+        self.scores = scores
+        self.epochs = epochs
+        self.mean = mean
+        self.path = path
+        self._batch = batch
+        self._build_prefix_table()
+
+    @classmethod
+    def empty(cls) -> "ScoreSnapshot":
+        """The snapshot of a store with no committed epoch: no keys, no mean."""
+        return cls(None, np.empty(0, np.uint64), np.empty(0, np.float32),
+                   np.empty(0, np.uint32), None)
+
+    @classmethod
+    def open(cls, path: str, epoch: int) -> "ScoreSnapshot":
+        """Map a local snapshot file; ValueError says what is wrong with a damaged one."""
+        table = open_table_file(path, SNAPSHOT_SCHEMA, "snapshot")
+        if table.meta.get("epoch") != epoch:
+            raise ValueError(f"holds epoch {table.meta.get('epoch')}, expected {epoch}")
+        rows = len(table.columns["hash"])
+        mean = table.meta.get("mean")
+        if (mean is None) != (rows == 0):
+            raise ValueError("its mean does not match its row count")
+        return cls(epoch, table.columns["hash"], table.columns["score"], table.columns["epoch"],
+                   mean, path, table.batch, table.meta["digest"])
+
+    def __len__(self) -> int:
+        return int(self.hashes.shape[0])
+
+    def __repr__(self) -> str:
+        return f"ScoreSnapshot(epoch={self.epoch}, keys={len(self)}, mean={self.mean})"
+
+    def _build_prefix_table(self) -> None:
+        rows = len(self)
+        bits = 0 if rows < 2 * _ROWS_PER_PREFIX else min(26, int(math.log2(rows / _ROWS_PER_PREFIX)))
+        self._shift = np.uint64(64 - bits)
+        index_type = np.int32 if rows < 2**31 else np.int64
+        if bits == 0:
+            table = np.array([0, rows], index_type)
+        else:
+            prefixes = np.arange(1 << bits, dtype=np.uint64) << self._shift
+            table = np.empty((1 << bits) + 1, index_type)
+            table[:-1] = np.searchsorted(self.hashes, prefixes)
+            table[-1] = rows
+        self._table = table
+        self._bits = bits
+        widest = int(np.max(np.diff(table))) if rows else 0
+        self._steps = widest.bit_length()
+
+    def positions(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row of each hash, whether it is present) for a uint64 array of key hashes."""
+        rows = len(self)
+        if rows == 0:
+            return np.zeros(len(hashes), np.int64), np.zeros(len(hashes), bool)
+        if len(hashes) < _SMALL_QUERY or self._bits == 0:
+            pos = np.searchsorted(self.hashes, hashes)
+        else:
+            prefix = (hashes >> self._shift).astype(np.intp)
+            pos = self._table[prefix].astype(np.intp)
+            count = self._table[prefix + 1] - pos
+            last = rows - 1
+            for _ in range(self._steps):
+                half = count >> 1
+                probe = pos + half
+                right = (self.hashes[np.minimum(probe, last)] < hashes) & (count > half)
+                pos += right * (half + 1)
+                count = np.where(right, count - half - 1, half)
+        clipped = np.minimum(pos, rows - 1)
+        return clipped, self.hashes[clipped] == hashes
+
+    def lookup(self, keys: Any) -> np.ndarray:
+        """The last score (float32) of each key; NaN for a key this snapshot has never seen.
+
+        ``keys``: strings, bytes, or precomputed uint64 hashes (see ``hash_keys``).
+        """
+        hashes = hash_keys(keys)
+        pos, found = self.positions(hashes)
+        out = np.full(len(hashes), np.nan, np.float32)
+        out[found] = self.scores[pos[found]]
+        return out
+
+    def to_arrow(self) -> pa.Table:
+        """The snapshot as an Arrow table (hash, score, epoch), without a copy."""
+        if self._batch is not None:
+            return pa.Table.from_batches([self._batch])
+        return pa.table({"hash": self.hashes, "score": self.scores, "epoch": self.epochs},
+                        schema=SNAPSHOT_SCHEMA)

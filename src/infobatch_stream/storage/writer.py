@@ -1,0 +1,122 @@
+"""DeltaWriter: buffers one rank's (key, score) updates of an epoch and flushes delta files."""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import fsio, layout
+from .keys import as_scores, hash_keys
+from .tables import DELTA_SCHEMA, write_table_file
+
+if TYPE_CHECKING:
+    from .store import ScoreStore
+
+log = logging.getLogger(__name__)
+
+
+def last_write_wins(hashes: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Sort by hash and keep the last-written score of each hash: (hashes, scores, duplicates).
+
+    ``hashes`` must be in write order; a stable sort keeps that order among equal hashes.
+    """
+    order = np.argsort(hashes, kind="stable")
+    hashes = hashes[order]
+    scores = scores[order]
+    last = np.empty(len(hashes), bool)
+    if len(hashes):
+        np.not_equal(hashes[1:], hashes[:-1], out=last[:-1])
+        last[-1] = True
+    kept = int(np.count_nonzero(last))
+    if kept == len(hashes):
+        return hashes, scores, 0
+    return hashes[last], scores[last], len(hashes) - kept
+
+
+class DeltaWriter:
+    """Records losses of one epoch on one rank; each ``flush()`` writes one immutable delta.
+
+    NaN and infinite scores are dropped at ``record`` and counted (``rejected_nonfinite``),
+    so they never reach the store or its mean. A buffer that reaches ``flush_rows`` rows is
+    flushed on its own, which bounds the trainer's memory.
+
+    >>> writer = store.writer(epoch=0, rank=0)
+    >>> writer.record(["a", "b"], [0.7, 1.3])
+    >>> writer.flush()                         # doctest: +SKIP
+    'deltas/epoch-00000000/...-r00000-s000000-....arrow'
+    """
+
+    def __init__(self, store: "ScoreStore", epoch: int, rank: int = 0, *,
+                 flush_rows: int = 1 << 22):
+        self.store = store
+        self.epoch = layout.check_epoch(epoch)
+        self.rank = layout.check_rank(rank)
+        self.flush_rows = int(flush_rows)
+        self.rejected_nonfinite = 0  # since the last flush
+        self.rows_written = 0
+        self.files_written: list[str] = []
+        self._hashes: list[np.ndarray] = []
+        self._scores: list[np.ndarray] = []
+        self._pending = 0
+        self._seq = 0
+        self._last_ns = 0
+
+    @property
+    def pending(self) -> int:
+        """Rows buffered and not yet flushed."""
+        return self._pending
+
+    def record(self, keys: Any, scores: Any) -> None:
+        """Buffer the latest score of each key (str/bytes keys or uint64 hashes; any numeric array)."""
+        hashes = hash_keys(keys)
+        values = as_scores(scores, len(hashes))
+        finite = np.isfinite(values)
+        if not finite.all():
+            bad = len(values) - int(np.count_nonzero(finite))
+            self.rejected_nonfinite += bad
+            log.warning("epoch %d rank %d: dropped %d NaN/inf scores (they never enter the store)",
+                        self.epoch, self.rank, bad)
+            hashes, values = hashes[finite], values[finite]
+        # Own the data: callers may reuse their buffers after record() returns.
+        self._hashes.append(np.array(hashes, np.uint64, copy=True))
+        self._scores.append(np.array(values, np.float32, copy=True))
+        self._pending += len(hashes)
+        if self._pending >= self.flush_rows:
+            self.flush()
+
+    def flush(self) -> str | None:
+        """Write the buffered updates as one delta file; return its path in the store (None if empty)."""
+        if not self._pending and not self.rejected_nonfinite:
+            return None
+        hashes = np.concatenate(self._hashes) if self._hashes else np.empty(0, np.uint64)
+        scores = np.concatenate(self._scores) if self._scores else np.empty(0, np.float32)
+        hashes, scores, duplicates = last_write_wins(hashes, scores)
+        now = max(time.time_ns(), self._last_ns + 1)  # names sort in write order, even if the clock steps back
+        self._last_ns = now
+        relpath = layout.delta_name(self.epoch, now, self.rank, self._seq, uuid.uuid4().hex[:12])
+        sink = io.BytesIO()
+        write_table_file(sink, DELTA_SCHEMA, [hashes, scores], {
+            "kind": "delta", "epoch": self.epoch, "rank": self.rank, "duplicates": duplicates,
+            "rejected_nonfinite": self.rejected_nonfinite,
+        })
+        self.store._write_new(relpath, sink.getvalue())
+        self._seq += 1
+        self.rows_written += len(hashes)
+        self.files_written.append(relpath)
+        self._hashes.clear()
+        self._scores.clear()
+        self._pending = 0
+        self.rejected_nonfinite = 0
+        return relpath
+
+    def __enter__(self) -> "DeltaWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.flush()
