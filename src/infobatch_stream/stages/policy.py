@@ -1,0 +1,184 @@
+"""Pruning policies: which samples of an epoch are dropped, and the weight of those kept.
+
+A policy turns (epoch, snapshot of the previous epoch) into an ``EpochRule``: a small frozen
+value (print it) that decides every sample of the epoch from its key hash and last score.
+Decisions are a pure function of (rule, key hash, score): the random draw is a counter-based
+hash of (seed, epoch, key hash), so a sample's fate is the same in any worker, on any rank,
+after any restart, and the trainer or a planner can recompute it.
+
+- ``InfoBatchPolicy`` (the default): a sample whose score is below the mean of the known
+  scores is dropped with probability ``r`` and, if kept, weighted ``1/(1-r)``; every other
+  sample (at or above the mean, or never seen) is kept with weight 1. From epoch
+  ``floor(delta * num_epochs)`` on (annealing) everything is kept with weight 1.
+- ``RandomPolicy``: the baseline at the same expected budget: every known sample is dropped
+  with probability ``r * P(score < mean)``, kept samples weighted 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Protocol
+
+import numpy as np
+
+from ..storage import ScoreSnapshot
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_MASK = (1 << 64) - 1
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer: a bijection of uint64 that scrambles every bit (wrapping)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _M1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def _stream(seed: int, epoch: int) -> np.uint64:
+    """One 64-bit stream id per (seed, epoch)."""
+    state = np.array([(seed * _GOLDEN + 1) & _MASK], np.uint64)
+    state = _mix64(_mix64(state) ^ np.uint64(((epoch + 1) * _GOLDEN) & _MASK))
+    return state[0]
+
+
+def uniform_draws(hashes: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """A uniform number in [0, 1) for each key hash: a counter-based hash of (seed, epoch, key).
+
+    >>> a = uniform_draws(np.array([1, 2, 3], np.uint64), seed=0, epoch=5)
+    >>> bool(((0 <= a) & (a < 1)).all()), (a == uniform_draws(np.array([1, 2, 3], np.uint64), 0, 5)).all()
+    (True, True)
+    """
+    bits = _mix64(hashes ^ _stream(seed, epoch)) >> np.uint64(11)
+    return bits.astype(np.float64) * (1.0 / (1 << 53))
+
+
+def check_prune_ratio(prune_ratio: float) -> float:
+    if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float)) \
+            or not 0 <= prune_ratio < 1:
+        raise ValueError(f"prune_ratio must be a number in [0, 1), got {prune_ratio!r}")
+    return float(prune_ratio)
+
+
+def check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    return int(seed)
+
+
+def annealing_start(num_epochs: int, delta: float) -> int:
+    """``floor(delta * num_epochs)`` without float error: 0.29 x 100 is 29, not 28.
+
+    >>> annealing_start(100, 0.29), annealing_start(10, 0.875), annealing_start(3, 1.0)
+    (29, 8, 3)
+    """
+    if isinstance(num_epochs, bool) or not isinstance(num_epochs, (int, np.integer)) or num_epochs < 1:
+        raise ValueError(f"num_epochs must be an int >= 1, got {num_epochs!r}")
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 <= delta <= 1:
+        raise ValueError(f"delta must be a number in [0, 1], got {delta!r}")
+    # The shortest decimal that reads back as ``delta`` is what the user wrote.
+    return math.floor(Fraction(repr(float(delta))) * int(num_epochs))
+
+
+@dataclass(frozen=True)
+class EpochRule:
+    """How every sample of one epoch is decided; a value you can print and compare.
+
+    ``threshold``: scores strictly below it may be dropped (None: nothing is compared).
+    ``drop_probability``: the chance a candidate is dropped. ``candidates``: "below_threshold"
+    or "known" (every sample with a score). ``kept_weight``: the weight of a kept candidate.
+    """
+
+    epoch: int
+    seed: int
+    threshold: float | None
+    drop_probability: float
+    candidates: str = "below_threshold"
+    kept_weight: float = 1.0
+
+    @property
+    def prunes(self) -> bool:
+        return self.drop_probability > 0 and (self.threshold is not None or self.candidates == "known")
+
+    def weights(self, hashes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """float32 weight of each sample; 0 means dropped. ``scores`` NaN = never seen (kept)."""
+        weights = np.ones(len(hashes), np.float32)
+        if not self.prunes:
+            return weights
+        if self.candidates == "known":
+            candidate = ~np.isnan(scores)
+        else:
+            # float64: exactly "below the mean"; NaN (unseen) compares False, so it is always kept
+            candidate = scores < np.float64(self.threshold)
+        weights[candidate] = self.kept_weight
+        drop = candidate & (uniform_draws(hashes, self.seed, self.epoch) < self.drop_probability)
+        weights[drop] = 0.0
+        return weights
+
+    def count_kept(self, snapshot: ScoreSnapshot, chunk: int = 1 << 20) -> int:
+        """Exactly how many of the snapshot's keys this rule keeps (vectorized, in chunks)."""
+        if not self.prunes:
+            return len(snapshot)
+        kept = 0
+        for start in range(0, len(snapshot), chunk):
+            stop = start + chunk
+            w = self.weights(snapshot.hashes[start:stop], snapshot.scores[start:stop])
+            kept += int(np.count_nonzero(w))
+        return kept
+
+
+class PruningPolicy(Protocol):
+    """Anything that can make the rule of an epoch from the previous epoch's snapshot."""
+
+    def rule(self, epoch: int, snapshot: ScoreSnapshot) -> EpochRule: ...
+
+
+@dataclass(frozen=True)
+class InfoBatchPolicy:
+    """InfoBatch's soft pruning with annealing (the default policy)."""
+
+    num_epochs: int
+    prune_ratio: float = 0.5
+    delta: float = 0.875
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_prune_ratio(self.prune_ratio)
+        check_seed(self.seed)
+        annealing_start(self.num_epochs, self.delta)
+
+    @property
+    def annealing_start(self) -> int:
+        return annealing_start(self.num_epochs, self.delta)
+
+    def rule(self, epoch: int, snapshot: ScoreSnapshot) -> EpochRule:
+        if epoch >= self.annealing_start or snapshot.mean is None or self.prune_ratio == 0:
+            return EpochRule(epoch, self.seed, None, 0.0)
+        return EpochRule(epoch, self.seed, float(snapshot.mean), self.prune_ratio,
+                         "below_threshold", 1.0 / (1.0 - self.prune_ratio))
+
+
+@dataclass(frozen=True)
+class RandomPolicy:
+    """Uniform random pruning of known samples at InfoBatch's expected budget (a baseline)."""
+
+    num_epochs: int
+    prune_ratio: float = 0.5
+    delta: float = 0.875
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_prune_ratio(self.prune_ratio)
+        check_seed(self.seed)
+        annealing_start(self.num_epochs, self.delta)
+
+    def rule(self, epoch: int, snapshot: ScoreSnapshot) -> EpochRule:
+        if epoch >= annealing_start(self.num_epochs, self.delta) or not len(snapshot):
+            return EpochRule(epoch, self.seed, None, 0.0, "known")
+        below = np.count_nonzero(snapshot.scores < snapshot.mean) / len(snapshot)
+        return EpochRule(epoch, self.seed, None, self.prune_ratio * below, "known", 1.0)
