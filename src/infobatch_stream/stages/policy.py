@@ -110,15 +110,20 @@ class EpochRule:
         weights = np.ones(len(hashes), np.float32)
         if not self.prunes:
             return weights
-        if self.candidates == "known":
-            candidate = ~np.isnan(scores)
-        else:
-            # float64: exactly "below the mean"; NaN (unseen) compares False, so it is always kept
-            candidate = scores < np.float64(self.threshold)
+        candidate = self.candidates_of(scores)
         weights[candidate] = self.kept_weight
         drop = candidate & (uniform_draws(hashes, self.seed, self.epoch) < self.drop_probability)
         weights[drop] = 0.0
         return weights
+
+    def candidates_of(self, scores: np.ndarray) -> np.ndarray:
+        """Which of these scores may be dropped (before the random draw)."""
+        if not self.prunes:
+            return np.zeros(len(scores), bool)
+        if self.candidates == "known":
+            return ~np.isnan(scores)
+        # float64: exactly "below the mean"; NaN (unseen) compares False, so it is always kept
+        return scores < np.float64(self.threshold)
 
     def count_kept(self, snapshot: ScoreSnapshot, chunk: int = 1 << 20) -> int:
         """Exactly how many of the snapshot's keys this rule keeps (vectorized, in chunks)."""
@@ -139,8 +144,8 @@ class PruningPolicy(Protocol):
 
 
 @dataclass(frozen=True)
-class InfoBatchPolicy:
-    """InfoBatch's soft pruning with annealing (the default policy)."""
+class _ScheduledPolicy:
+    """Fields and checks shared by the built-in policies: prune until annealing starts."""
 
     num_epochs: int
     prune_ratio: float = 0.5
@@ -154,7 +159,17 @@ class InfoBatchPolicy:
 
     @property
     def annealing_start(self) -> int:
+        """The first epoch that trains on all data with weight 1."""
         return annealing_start(self.num_epochs, self.delta)
+
+
+@dataclass(frozen=True)
+class InfoBatchPolicy(_ScheduledPolicy):
+    """InfoBatch's soft pruning with annealing (the default policy).
+
+    >>> InfoBatchPolicy(num_epochs=10).rule(3, store.snapshot(2))   # doctest: +SKIP
+    EpochRule(epoch=3, seed=0, threshold=1.87, drop_probability=0.5, ..., kept_weight=2.0)
+    """
 
     def rule(self, epoch: int, snapshot: ScoreSnapshot) -> EpochRule:
         if epoch >= self.annealing_start or snapshot.mean is None or self.prune_ratio == 0:
@@ -164,21 +179,15 @@ class InfoBatchPolicy:
 
 
 @dataclass(frozen=True)
-class RandomPolicy:
-    """Uniform random pruning of known samples at InfoBatch's expected budget (a baseline)."""
+class RandomPolicy(_ScheduledPolicy):
+    """Uniform random pruning of known samples at InfoBatch's expected budget (a baseline).
 
-    num_epochs: int
-    prune_ratio: float = 0.5
-    delta: float = 0.875
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_prune_ratio(self.prune_ratio)
-        check_seed(self.seed)
-        annealing_start(self.num_epochs, self.delta)
+    Every known sample is dropped with probability ``r * P(score < mean)``, so an epoch keeps
+    as many samples as InfoBatch would, on average; kept samples have weight 1.
+    """
 
     def rule(self, epoch: int, snapshot: ScoreSnapshot) -> EpochRule:
-        if epoch >= annealing_start(self.num_epochs, self.delta) or not len(snapshot):
+        if epoch >= self.annealing_start or not len(snapshot):
             return EpochRule(epoch, self.seed, None, 0.0, "known")
-        below = np.count_nonzero(snapshot.scores < snapshot.mean) / len(snapshot)
+        below = np.count_nonzero(snapshot.scores < np.float64(snapshot.mean)) / len(snapshot)
         return EpochRule(epoch, self.seed, None, self.prune_ratio * below, "known", 1.0)
