@@ -24,8 +24,12 @@ _BLOCK_SIZE = 8 << 20  # tar shards are read front to back: large sequential rea
 def _fsspec_opener(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any):
     if mode != "rb":
         raise ValueError(f"{url}: shards are opened for reading only (mode {mode!r})")
+    # ``fsspec.open(url, block_size=...)`` would hand block_size to the filesystem's
+    # constructor (s3fs passes it on to its botocore session, which rejects it): it is an
+    # option of ``fs.open``. ``url_to_fs`` still applies fsspec's config (endpoints, keys).
+    fs, path = fsspec.core.url_to_fs(url)
     try:
-        return fsspec.open(url, "rb", block_size=_BLOCK_SIZE).open()
+        return fs.open(path, "rb", block_size=_BLOCK_SIZE)
     except FileNotFoundError:
         raise FileNotFoundError(f"shard {url} does not exist (check the URL and the bucket)") from None
 
