@@ -53,8 +53,9 @@ class ScoreStore:
             raise ValueError(f"keep_snapshots must be an int >= 1, got {keep_snapshots!r}")
         self.url = os.fspath(url) if isinstance(url, os.PathLike) else url
         self.storage_options = dict(storage_options or {})
-        self.fs, self.root = fsio.open_fs(self.url, self.storage_options)
-        self.local_root = fsio.local_path(self.fs, self.root)
+        self._fs, self.root = fsio.open_fs(self.url, self.storage_options)
+        self._fs_pid = os.getpid()
+        self.local_root = fsio.local_path(self._fs, self.root)
         self.cache_dir = cache_dir or cache.default_cache_dir()
         self.keep_snapshots = keep_snapshots
         self._snapshots: dict[int, ScoreSnapshot] = {}
@@ -62,6 +63,15 @@ class ScoreStore:
 
     def __repr__(self) -> str:
         return f"ScoreStore({self.url!r})"
+
+    @property
+    def fs(self):
+        """This process's filesystem object: a forked DataLoader worker must not use its
+        parent's (s3fs's event loop is not fork-safe), so a new process opens its own."""
+        if self._fs_pid != os.getpid():
+            self._fs, _ = fsio.open_fs(self.url, self.storage_options)
+            self._fs_pid = os.getpid()
+        return self._fs
 
     # Pickled into DataLoader workers: the filesystem object is rebuilt there, not shipped.
     def __getstate__(self) -> dict[str, Any]:
@@ -84,7 +94,7 @@ class ScoreStore:
         marker = self._path(layout.MARKER)
         try:
             raw = fsio.read_bytes(self.fs, marker)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # the latter: the URL is a local file
             raw = None
         except IsADirectoryError:
             raise NotAStoreError(f"{self.url}: {layout.MARKER} is a directory; this is not a score store") from None
