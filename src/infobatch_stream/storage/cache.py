@@ -62,7 +62,7 @@ def fetch(fs: AbstractFileSystem, remote: str, directory: str, expected_bytes: i
             callback = TqdmCallback(tqdm_kwargs={"desc": f"download {remote}", "unit": "B",
                                                  "unit_scale": True, "leave": False,
                                                  "disable": None if expected_bytes > 64 << 20 else True})
-            fs.get_file(remote, tmp, callback=callback)
+            fsio.get_file(fs, remote, tmp, callback=callback)
             size = os.path.getsize(tmp)
             if size != expected_bytes:
                 raise ValueError(f"downloaded {size} bytes, the manifest says {expected_bytes}")

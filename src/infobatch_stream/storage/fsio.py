@@ -41,7 +41,16 @@ def join(root: str, relpath: str) -> str:
 
 
 def read_bytes(fs: AbstractFileSystem, path: str) -> bytes:
+    """A whole file, read fresh: files appear as other processes commit, and a listing that
+    s3fs cached before would make a new file look missing."""
+    fs.invalidate_cache(path)
     return fs.cat_file(path)
+
+
+def get_file(fs: AbstractFileSystem, path: str, local: str, **kwargs: Any) -> None:
+    """Download ``path`` to the local file ``local`` (fresh, as ``read_bytes``)."""
+    fs.invalidate_cache(path)
+    fs.get_file(path, local, **kwargs)
 
 
 def list_names(fs: AbstractFileSystem, directory: str) -> list[str]:

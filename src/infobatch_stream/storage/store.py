@@ -290,7 +290,7 @@ class ScoreStore:
         try:
             if local is None:
                 local = os.path.join(work, name.rsplit("/", 1)[-1])
-                self.fs.get_file(path, local)
+                fsio.get_file(self.fs, path, local)
             return open_delta(local, epoch)
         except ValueError as exc:
             raise CorruptStoreError(path, f"delta {exc}", latest) from None
