@@ -87,42 +87,47 @@ class ScoreStore:
     def _path(self, relpath: str) -> str:
         return fsio.join(self.root, relpath)
 
+    def _read_marker(self) -> bytes | None:
+        try:
+            return fsio.read_bytes(self.fs, self._path(layout.MARKER))
+        except (FileNotFoundError, NotADirectoryError):  # the latter: the URL is a local file
+            return None
+        except IsADirectoryError:
+            raise NotAStoreError(
+                f"{self.url}: {layout.MARKER} is a directory; this is not a score store") from None
+
     def _check_marker(self, creating: bool) -> None:
         """Refuse a URL that holds something other than a store; create the marker on first write."""
         if self._marker_ok:
             return
-        marker = self._path(layout.MARKER)
-        try:
-            raw = fsio.read_bytes(self.fs, marker)
-        except (FileNotFoundError, NotADirectoryError):  # the latter: the URL is a local file
-            raw = None
-        except IsADirectoryError:
-            raise NotAStoreError(f"{self.url}: {layout.MARKER} is a directory; this is not a score store") from None
-        if raw is not None:
-            try:
-                layout.check_marker(raw)
-            except ValueError as exc:
+        raw = self._read_marker()
+        if raw is None:
+            if self.fs.isfile(self.root):
+                raise NotAStoreError(f"{self.url} is a file, not a score store; pass a directory or prefix")
+            # The marker itself may appear meanwhile: another rank is creating the store.
+            found = [n for n in fsio.list_names(self.fs, self.root) if n != layout.MARKER]
+            if found:
+                shown = ", ".join(found[:5]) + (" ..." if len(found) > 5 else "")
                 raise NotAStoreError(
-                    f"{marker}: {exc}. This URL holds a store of another format or version; "
-                    f"use a new URL for this run"
-                ) from None
-            self._marker_ok = True
-            return
-        if self.fs.isfile(self.root):
-            raise NotAStoreError(f"{self.url} is a file, not a score store; pass a directory or prefix")
-        found = fsio.list_names(self.fs, self.root)
-        if found:
-            shown = ", ".join(found[:5]) + (" ..." if len(found) > 5 else "")
-            raise NotAStoreError(
-                f"{self.url} holds other files ({shown}) and no {layout.MARKER}; it is not a "
-                f"score store. Point the store at a new, empty directory or prefix"
-            )
-        if creating:
+                    f"{self.url} holds other files ({shown}) and no {layout.MARKER}; it is not a "
+                    f"score store. Point the store at a new, empty directory or prefix"
+                )
+            if not creating:
+                return  # an empty store; checked again once something is written
             try:
-                fsio.write_bytes(self.fs, marker, layout.marker_json(_now()), exclusive=True)
+                fsio.write_bytes(self.fs, self._path(layout.MARKER), layout.marker_json(_now()),
+                                 exclusive=True)
             except FileExistsError:
                 pass  # another rank created it first
-            self._marker_ok = True
+            raw = self._read_marker()
+        try:
+            layout.check_marker(raw or b"")
+        except ValueError as exc:
+            raise NotAStoreError(
+                f"{self._path(layout.MARKER)}: {exc}. This URL holds a store of another format or "
+                f"version; use a new URL for this run"
+            ) from None
+        self._marker_ok = True
 
     def _write_new(self, relpath: str, data: bytes) -> None:
         self._check_marker(creating=True)
