@@ -1,0 +1,330 @@
+"""The ``infobatch-stream`` command: look into a score store, never write to it.
+
+    infobatch-stream inspect s3://bucket/runs/ffhq/scores --storage-option endpoint_url=http://minio:9000
+    infobatch-stream inspect ./scores --epoch 4 --ratio 0.3 --json
+    infobatch-stream export ./scores epoch4.parquet --epoch 4
+    infobatch-stream plot ./scores scores.png --bins 80
+
+A bad URL, a URL that holds no store, or a damaged store prints one line naming the file or
+URL at fault to stderr and exits with status 2 (as a usage error does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from . import __version__
+from .stages.policy import InfoBatchPolicy, check_prune_ratio
+from .storage import Manifest, ScoreSnapshot, ScoreStore, StoreError, fsio, layout
+
+QUANTILES = (("min", 0.0), ("p1", 0.01), ("p10", 0.10), ("p25", 0.25), ("p50", 0.50),
+             ("p75", 0.75), ("p90", 0.90), ("p99", 0.99), ("max", 1.0))
+EPOCH_FIELDS = ("epoch", "keys", "updated", "new_keys", "duplicates", "rejected_nonfinite",
+                "mean", "created_at", "run_id")  # of each retained epoch's manifest
+_PROGRESS_KEYS = 50_000_000  # below this the exact count takes about a second: no bar
+_CHUNK = 1 << 22
+
+
+class CliError(Exception):
+    """A problem the user can fix (no store at the URL, nothing to export, ...): one line, exit 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 2 bad usage or unreadable store).
+
+    >>> main(["inspect", "/tmp/scores", "--json"])  # doctest: +SKIP
+    0
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (StoreError, CliError) as exc:
+        return _fail(str(exc))
+    except BrokenPipeError:
+        # `inspect ... | head`: the reader left; don't let the final flush raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:
+        # From fsspec/s3fs while reading the store; their messages do not always name it.
+        return _fail(f"{args.url}: {exc}")
+
+
+def _fail(message: str) -> int:
+    print(f"infobatch-stream: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``infobatch-stream`` (subcommands inspect, export, plot).
+
+    >>> build_parser().parse_args(["export", "./scores", "out.parquet"]).epoch is None
+    True
+    """
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument("url", help="a local directory or an fsspec URL (s3://bucket/scores)")
+    store.add_argument("--storage-option", metavar="KEY=VALUE", type=_storage_option,
+                       action="append", default=[], dest="storage_options",
+                       help="an fsspec option, repeatable; VALUE is read as JSON when it parses "
+                            "(numbers, true/false; quote a numeric string: key='\"123\"'), e.g. "
+                            "endpoint_url=http://127.0.0.1:9000")
+    store.add_argument("--cache-dir", help="where remote snapshots are downloaded (default "
+                       "$INFOBATCH_STREAM_CACHE or ~/.cache/infobatch-stream)")
+    parser = argparse.ArgumentParser(prog="infobatch-stream", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    inspect = commands.add_parser("inspect", parents=[store], help="retained epochs, score "
+                                  "distribution and next epoch's pruning")
+    inspect.add_argument("--epoch", type=_non_negative, help="snapshot to describe (default: latest)")
+    inspect.add_argument("--ratio", type=_ratio, default=0.5, help="prune ratio r (default 0.5)")
+    inspect.add_argument("--seed", type=_non_negative, default=0, help="the run's seed (default 0)")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.set_defaults(run=_inspect)
+
+    export = commands.add_parser("export", parents=[store], help="a snapshot as Parquet")
+    export.add_argument("out", help="the .parquet file to write (replaced atomically)")
+    export.add_argument("--epoch", type=_non_negative, help="default: the latest committed epoch")
+    export.set_defaults(run=_export)
+
+    plot = commands.add_parser("plot", parents=[store], help="score histogram per retained epoch")
+    plot.add_argument("out", help="the .png file to write")
+    plot.add_argument("--bins", type=_positive, default=50, help="histogram bins (default 50)")
+    plot.set_defaults(run=_plot)
+    return parser
+
+
+def _storage_option(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def _ratio(text: str) -> float:
+    try:
+        return check_prune_ratio(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _bounded_int(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not text.strip().isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return int(text)
+    return parse
+
+
+_non_negative, _positive = _bounded_int(0), _bounded_int(1)
+
+
+def _open_store(args: argparse.Namespace) -> ScoreStore:
+    try:
+        store = ScoreStore(args.url, dict(args.storage_options), args.cache_dir)
+        store.epochs  # the first request; NotAStoreError when the URL holds something else
+    except StoreError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of the first request is about the URL
+        # (unknown protocol, backend not installed, unknown storage option, endpoint unreachable)
+        raise CliError(f"{args.url}: cannot open the store: {type(exc).__name__}: {exc}") from None
+    # A store reads a missing location as a new, empty store (writers create it); here it is a typo.
+    if not store.fs.exists(fsio.join(store.root, layout.MARKER)):
+        raise CliError(f"{args.url}: no score store here (no {layout.MARKER}); check the URL")
+    return store
+
+
+# -- inspect ---------------------------------------------------------------------------------
+
+def _retained_manifests(store: ScoreStore) -> list[Manifest]:
+    manifests = []
+    for epoch in store.epochs:
+        try:
+            manifests.append(store.manifest(epoch))
+        except StoreError:
+            if epoch in store.epochs:  # else a live run's commit retired it after the listing
+                raise
+    return manifests
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    manifests = _retained_manifests(store)
+    latest = manifests[-1].epoch if manifests else None
+    next_epoch = 0 if latest is None else latest + 1
+    report: dict[str, Any] = {
+        "store": args.url, "latest_epoch": latest,
+        "epochs": [{name: getattr(m, name) for name in EPOCH_FIELDS} for m in manifests],
+        "snapshot": None, "next_epoch": None,
+        "pending_deltas": {"epoch": next_epoch, "files": store.pending_deltas(next_epoch)},
+    }
+    if manifests or args.epoch is not None:
+        # The epoch listed above, not a newer one a live run may have committed since.
+        snap = store.snapshot(latest if args.epoch is None else args.epoch)
+        report["snapshot"] = snapshot_stats(snap)
+        report["next_epoch"] = next_epoch_pruning(snap, args.ratio, args.seed)
+    for m in manifests:
+        if m.duplicates:
+            print(f"WARNING: epoch {m.epoch}: {m.duplicates:,} updates hit a key already updated "
+                  f"in that epoch: keys collide across shards (use a shard-qualified key) or a "
+                  f"crashed attempt's deltas were merged", file=sys.stderr)
+    print(json.dumps(report, indent=1, allow_nan=False) if args.json else _format(report))
+    return 0
+
+
+def snapshot_stats(snap: ScoreSnapshot) -> dict[str, Any]:
+    """Keys, mean, quantiles and the share below the mean of one snapshot.
+
+    >>> snapshot_stats(store.snapshot())["quantiles"]["p50"]  # doctest: +SKIP
+    1.83
+    """
+    stats = {"epoch": snap.epoch, "keys": len(snap), "mean": snap.mean, "quantiles": None,
+             "below_mean": 0, "fraction_below_mean": None}
+    if len(snap):
+        values = np.quantile(snap.scores, [q for _, q in QUANTILES])
+        stats["quantiles"] = {name: float(v) for (name, _), v in zip(QUANTILES, values)}
+        # float64 threshold, exactly as the policy compares
+        stats["below_mean"] = int(np.count_nonzero(snap.scores < np.float64(snap.mean)))
+        stats["fraction_below_mean"] = stats["below_mean"] / len(snap)
+    return stats
+
+
+@dataclass
+class _Rows:  # a slice of a snapshot: all that EpochRule.count_kept reads of one
+    hashes: np.ndarray
+    scores: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+
+def next_epoch_pruning(snap: ScoreSnapshot, ratio: float, seed: int = 0) -> dict[str, Any]:
+    """How many of the snapshot's keys InfoBatch prunes in the following epoch: exact and expected.
+
+    >>> next_epoch_pruning(store.snapshot(), 0.5)["pruned"]  # doctest: +SKIP
+    3110
+    """
+    epoch = 0 if snap.epoch is None else snap.epoch + 1
+    # The store does not know the run's num_epochs: count as a pruning (not annealing) epoch.
+    policy = InfoBatchPolicy(num_epochs=epoch + 1, prune_ratio=ratio, delta=1.0, seed=seed)
+    rule = policy.rule(epoch, snap)
+    n = len(snap)
+    kept = 0
+    for start in tqdm(range(0, n, _CHUNK), desc="exact count", unit="chunk", leave=False,
+                      disable=None if n >= _PROGRESS_KEYS else True):
+        kept += rule.count_kept(_Rows(snap.hashes[start:start + _CHUNK],
+                                      snap.scores[start:start + _CHUNK]))
+    below = int(np.count_nonzero(snap.scores < np.float64(snap.mean))) if n else 0
+    return {"epoch": epoch, "prune_ratio": ratio, "seed": seed, "threshold": rule.threshold,
+            "pruned": n - kept, "kept": kept, "pruned_expected": ratio * below,
+            "saved_fraction_expected": ratio * below / n if n else 0.0}
+
+
+def _g(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6g}"
+
+
+def _format(report: dict[str, Any]) -> str:
+    rows = report["epochs"]
+    lines = [f"store {report['store']}: {len(rows)} retained epoch(s), latest "
+             f"{_g(report['latest_epoch'])}"]
+    if rows:
+        lines.append(f"{'epoch':>6} {'keys':>12} {'updated':>12} {'new keys':>12} {'duplicates':>10} "
+                     f"{'rejected':>9} {'mean':>11}  {'created_at':<25} run_id")
+        lines += [f"{r['epoch']:>6} {r['keys']:>12,} {r['updated']:>12,} {r['new_keys']:>12,} "
+                  f"{r['duplicates']:>10,} {r['rejected_nonfinite']:>9,} {_g(r['mean']):>11}  "
+                  f"{r['created_at']:<25} {r['run_id'] or '-'}" for r in rows]
+    snap, nxt = report["snapshot"], report["next_epoch"]
+    if snap is not None:
+        lines.append(f"\nsnapshot of epoch {snap['epoch']}: {snap['keys']:,} keys, "
+                     f"mean {_g(snap['mean'])}")
+        if snap["quantiles"]:
+            names = ["min", "1%", "10%", "25%", "50%", "75%", "90%", "99%", "max"]
+            lines.append("  " + " ".join(f"{n:>11}" for n in names))
+            lines.append("  " + " ".join(f"{_g(v):>11}" for v in snap["quantiles"].values()))
+            lines.append(f"  below the mean: {snap['below_mean']:,} keys "
+                         f"({snap['fraction_below_mean']:.2%})")
+        n = max(snap["keys"], 1)
+        lines.append(f"epoch {nxt['epoch']} at prune ratio {nxt['prune_ratio']:g} (seed "
+                     f"{nxt['seed']}): {nxt['pruned']:,} keys pruned exactly ({nxt['pruned'] / n:.2%}); "
+                     f"expected r*P(score<mean) = {nxt['pruned_expected']:,.1f} "
+                     f"({nxt['saved_fraction_expected']:.2%})")
+    pending = report["pending_deltas"]
+    lines.append(f"pending for epoch {pending['epoch']}: {len(pending['files'])} delta file(s) "
+                 f"not yet committed")
+    return "\n".join(lines)
+
+
+# -- export and plot -------------------------------------------------------------------------
+
+def _write_atomically(out: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` next to ``out``, then rename: a reader never sees a partial file."""
+    tmp = fsio.local_tmp_name(os.path.abspath(out))
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise CliError(f"{out}: cannot write ({exc})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _export(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    store = _open_store(args)
+    if args.epoch is None and store.latest_epoch is None:
+        raise CliError(f"{args.url}: no epoch is committed yet; there is no snapshot to export")
+    snap = store.snapshot(args.epoch)
+    meta = {"store": args.url, "epoch": snap.epoch, "mean": snap.mean}
+    table = snap.to_arrow().replace_schema_metadata({"infobatch_stream": json.dumps(meta)})
+    _write_atomically(args.out, lambda tmp: pq.write_table(table, tmp))
+    print(f"wrote {len(snap):,} keys of epoch {snap.epoch} to {args.out}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    epochs = store.epochs
+    if not epochs:
+        raise CliError(f"{args.url}: no epoch is committed yet; nothing to plot")
+    try:
+        # The object API with an explicit Agg canvas: no pyplot, no global backend switch.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise CliError("plot needs matplotlib: pip install 'infobatch-stream[plot]'") from None
+    snaps = [store.snapshot(e) for e in epochs]  # memory-mapped: holding them is cheap
+    known = [s.scores for s in snaps if len(s)]
+    span = (min(map(np.min, known)), max(map(np.max, known))) if known else (0.0, 1.0)
+    fig = Figure(figsize=(7, 0.6 + 2.0 * len(snaps)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(snaps), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, snap in zip(axes, snaps):
+        ax.set_ylabel("keys")
+        if not len(snap):
+            ax.set_title(f"epoch {snap.epoch}: no scores", fontsize=10)
+            continue
+        counts, edges = np.histogram(snap.scores, bins=args.bins, range=span)
+        ax.stairs(counts, edges, fill=True, alpha=0.75)
+        ax.axvline(snap.mean, color="C3", linestyle="--")
+        ax.text(snap.mean, 0.95, f" mean {snap.mean:.4g}", color="C3", va="top",
+                transform=ax.get_xaxis_transform())
+        below = np.count_nonzero(snap.scores < np.float64(snap.mean)) / len(snap)
+        ax.set_title(f"epoch {snap.epoch}: {len(snap):,} keys, {below:.1%} below the mean",
+                     fontsize=10)
+    axes[-1].set_xlabel("score (last loss)")
+    _write_atomically(args.out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    print(f"wrote histograms of epochs {', '.join(map(str, epochs))} to {args.out}")
+    return 0
