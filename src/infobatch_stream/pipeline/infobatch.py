@@ -48,6 +48,8 @@ class InfoBatch:
         policy: ``"infobatch"`` (default), ``"random"`` (same budget, a baseline) or an object
             with ``rule(epoch, snapshot)``.
         run_id: the identity of this training run (defaults to torchrun's run id).
+        flush_rows: scores buffered per rank before a delta is written mid-epoch (a crash
+            keeps what was flushed; the re-run epoch's later writes win).
 
     >>> ib = InfoBatch("/tmp/scores", num_epochs=10)
     >>> ib.plan(dataset_size=50_000).samples   # epoch 0: nothing is known, nothing pruned
@@ -58,7 +60,8 @@ class InfoBatch:
                  delta: float = 0.875, seed: int = 0, key: "str | KeyFunction | None" = None,
                  storage_options: dict[str, Any] | None = None, *,
                  policy: "str | PruningPolicy" = "infobatch", cache_dir: str | None = None,
-                 window: int = DEFAULT_WINDOW, run_id: str | None = None):
+                 window: int = DEFAULT_WINDOW, run_id: str | None = None,
+                 flush_rows: int = 1 << 20):
         self.store = store if isinstance(store, ScoreStore) else ScoreStore(
             store, storage_options, cache_dir)
         if isinstance(policy, str):
@@ -75,6 +78,7 @@ class InfoBatch:
         self.key = resolve_key(key)
         self.window = window
         self.run_id = run_id
+        self.flush_rows = int(flush_rows)
         self._epoch: int | None = None        # the epoch in progress, None between epochs
         self._writer = None
         self._rule_cache: tuple | None = None  # (epoch, snapshot, rule) for update()'s weights
@@ -114,7 +118,8 @@ class InfoBatch:
     def _begin_epoch(self) -> int:
         if self._epoch is None:
             self._epoch = self.epoch
-            self._writer = self.store.writer(self._epoch, rank=distributed.rank())
+            self._writer = self.store.writer(self._epoch, rank=distributed.rank(),
+                                             flush_rows=self.flush_rows)
             self._steps_at_epoch_start = self._steps_done
         return self._epoch
 

@@ -1,0 +1,181 @@
+"""InfoBatch's training-side API: update, epochs, end_epoch, bound, planning, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import infobatch_stream as ibs
+from infobatch_stream.stages.prune import _soft_prune
+
+
+def keys_of(n: int, prefix: str = "k") -> list[str]:
+    return [f"{prefix}{i:05d}" for i in range(n)]
+
+
+def run_epoch(ib: ibs.InfoBatch, keys: list[str], losses: np.ndarray) -> None:
+    """Train one epoch on samples the stage lets through, recording ``losses`` (by key)."""
+    by_key = dict(zip(keys, losses))
+    samples = list(_soft_prune([{"__key__": k} for k in keys], ib.store, ib.policy))
+    kept = [s["__key__"] for s in samples]
+    if kept:
+        ib.update(torch.tensor([by_key[k] for k in kept]), kept,
+                  [s["__weight__"] for s in samples])
+
+
+@pytest.fixture
+def ib(tmp_path) -> ibs.InfoBatch:
+    return ibs.InfoBatch(tmp_path / "store", num_epochs=6)
+
+
+def test_update_records_detached_scores_and_returns_weighted_mean(ib):
+    loss = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    out = ib.update(loss, ["a", "b", "c"], [1.0, 2.0, 1.0])
+    assert out.item() == pytest.approx((1 + 4 + 3) / 3)
+    out.backward()
+    assert loss.grad.tolist() == pytest.approx([1 / 3, 2 / 3, 1 / 3])
+    ib.end_epoch()
+    assert ib.store.snapshot(0).lookup(["a", "b", "c"]).tolist() == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_update_accepts_any_float_dtype_and_keeps_it(ib, dtype):
+    loss = torch.tensor([0.5, 1.5], dtype=dtype)
+    out = ib.update(loss, ["a", "b"], torch.tensor([2.0, 1.0], dtype=torch.float64))
+    assert out.dtype == dtype
+    ib.end_epoch()
+    assert ib.store.snapshot(0).lookup(["a", "b"]).tolist() == [0.5, 1.5]
+
+
+def test_update_accepts_key_hashes_from_the_stage(ib):
+    hashes = torch.tensor(ibs.hash_keys(["a", "b"]).view(np.int64))  # a collated __key_hash__
+    ib.update(torch.tensor([0.25, 0.75]), hashes)
+    ib.end_epoch()
+    assert ib.store.snapshot(0).lookup(["a", "b"]).tolist() == [0.25, 0.75]
+
+
+def test_update_rejects_reduced_or_mismatched_losses(ib):
+    with pytest.raises(ValueError, match="reduction='none'"):
+        ib.update(torch.tensor(1.0), ["a"])
+    with pytest.raises(ValueError, match="2 losses but 3 keys"):
+        ib.update(torch.ones(2), ["a", "b", "c"])
+
+
+def test_shard_keys_need_key_hashes_in_update(tmp_path):
+    ib = ibs.InfoBatch(tmp_path / "store", num_epochs=4, key="shard")
+    with pytest.raises(TypeError, match="__key_hash__"):
+        ib.update(torch.ones(1), ["000001"])
+
+
+def test_weights_recomputed_from_keys_equal_the_stages(ib):
+    rng = np.random.default_rng(0)
+    keys = keys_of(2000)
+    run_epoch(ib, keys, rng.exponential(size=2000).astype(np.float32))
+    ib.end_epoch()
+    samples = list(_soft_prune([{"__key__": k} for k in keys], ib.store, ib.policy))
+    kept = [s["__key__"] for s in samples]
+    assert 0 < len(kept) < len(keys)
+    assert ib.weights_for(kept).tolist() == [s["__weight__"] for s in samples]
+    loss = torch.rand(len(kept))
+    given = ib.update(loss, kept, [s["__weight__"] for s in samples])
+    recomputed = ib.update(loss, kept)
+    assert given.item() == pytest.approx(recomputed.item())
+    dropped = sorted(set(keys) - set(kept))
+    assert not ib.weights_for(dropped).any()  # the stage dropped them: weight 0
+
+
+def test_epochs_resume_from_the_store_and_commit_once(tmp_path):
+    ib = ibs.InfoBatch(tmp_path / "store", num_epochs=4)
+    seen = []
+    for epoch in ib.epochs():
+        ib.update(torch.ones(2), ["a", "b"])
+        seen.append(epoch)
+        if epoch == 1:
+            manifest = ib.end_epoch()  # inside the loop: the loop must not commit again
+            assert manifest.epoch == 1
+            assert ib.store.latest_epoch == 1
+            break
+    assert seen == [0, 1]
+    # A new InfoBatch on the same store (a restart) starts at the first uncommitted epoch.
+    again = ibs.InfoBatch(tmp_path / "store", num_epochs=4)
+    assert list(again.epochs()) == [2, 3]
+    assert again.store.latest_epoch == 3
+    assert list(ibs.InfoBatch(tmp_path / "store", num_epochs=4).epochs()) == []
+
+
+def test_leaving_the_loop_by_an_exception_commits_nothing(ib):
+    with pytest.raises(RuntimeError):
+        for _epoch in ib.epochs():
+            ib.update(torch.ones(1), ["a"])
+            raise RuntimeError("training diverged")
+    assert ib.store.latest_epoch is None
+
+
+def test_bound_single_process_yields_everything_without_a_plan(ib):
+    assert list(ib.bound(range(7))) == list(range(7))
+
+
+def test_plan_counts_exactly_what_the_stage_keeps(ib):
+    rng = np.random.default_rng(1)
+    keys = keys_of(5000)
+    run_epoch(ib, keys, rng.gamma(2.0, size=5000).astype(np.float32))
+    ib.end_epoch()
+    plan = ib.plan(dataset_size=5100)  # 100 keys the store has never seen
+    batch = [{"__key__": k} for k in keys + keys_of(100, "new")]
+    kept = list(_soft_prune(batch, ib.store, ib.policy))
+    assert plan.epoch == 1 and plan.known == 5000 and plan.unseen == 100
+    assert plan.samples == len(kept)
+    below = np.count_nonzero(ib.store.snapshot().scores < ib.store.snapshot().mean)
+    assert plan.expected_saved_fraction == pytest.approx(0.5 * below / 5100)
+
+
+def test_state_dict_is_json_and_round_trips(tmp_path, ib):
+    ib.update(torch.ones(1), ["a"])
+    ib.plan_steps(dataset_size=100, batch_size=10)
+    ib.end_epoch()
+    state = json.loads(json.dumps(ib.state_dict()))
+    other = ibs.InfoBatch(tmp_path / "store", num_epochs=6)
+    other.load_state_dict(state)
+    assert other.state_dict() == state
+    assert other.epoch == 1
+
+
+def test_load_state_dict_refuses_other_settings(tmp_path, ib):
+    state = ib.state_dict()
+    with pytest.raises(ValueError, match="prune_ratio=0.5"):
+        ibs.InfoBatch(tmp_path / "store", num_epochs=6, prune_ratio=0.3).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed=0"):
+        ibs.InfoBatch(tmp_path / "store", num_epochs=6, seed=1).load_state_dict(state)
+
+
+def test_load_state_dict_checks_the_store_against_the_checkpoint(tmp_path, ib):
+    for _ in range(2):
+        ib.update(torch.ones(1), ["a"])
+        ib.end_epoch()
+    state = ib.state_dict()
+    assert state["epoch"] == 2
+    fresh = ibs.InfoBatch(tmp_path / "other-store", num_epochs=6)
+    with pytest.raises(ValueError, match="committed only up to epoch -1"):
+        fresh.load_state_dict(state)
+    older = dict(state, epoch=1)
+    with pytest.warns(UserWarning, match="continues at epoch 2"):
+        ibs.InfoBatch(tmp_path / "store", num_epochs=6).load_state_dict(older)
+
+
+def test_plan_steps_budget_keeps_every_epoch_within_the_total(tmp_path):
+    ib = ibs.InfoBatch(tmp_path / "store", num_epochs=5)
+    plan = ib.plan_steps(dataset_size=1000, batch_size=10)
+    assert plan.epochs[0].exact and plan.epochs[-1].exact and not plan.epochs[1].exact
+    assert [e.steps for e in plan.epochs] == [100, 75, 75, 75, 100]
+    rng = np.random.default_rng(2)
+    keys = keys_of(1000)
+    taken = []
+    for epoch in ib.epochs():
+        batches = list(ib.bound([keys[i:i + 10] for i in range(0, 1000, 10)]))
+        taken.append(len(batches))
+        run_epoch(ib, keys, rng.exponential(size=1000).astype(np.float32))
+    assert sum(taken) <= plan.total_steps
+    assert taken[0] == 100 and taken[-1] <= 100

@@ -1,0 +1,112 @@
+"""The training loop end to end: torchrun DDP on S3, a SIGKILL and restart, LR schedules."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import infobatch_stream as ibs
+
+from .conftest import read_epochs, write_shards
+
+UNEVEN = [120, 20, 90, 35, 60]  # rank 0 gets shards 0, 2, 4 (270); rank 1 gets 1, 3 (55)
+
+
+def upload(fs, paths: list[str], bucket: str) -> list[str]:
+    urls = []
+    for path in paths:
+        url = f"s3://{bucket}/shards/{path.rsplit('/', 1)[-1]}"
+        fs.put_file(path, url)
+        urls.append(url)
+    return urls
+
+
+def test_torchrun_two_ranks_on_s3_uneven_shards(tmp_path, s3_server, s3_bucket, run_trainer):
+    shards = upload(s3_server.filesystem(), write_shards(tmp_path / "shards", UNEVEN), s3_bucket)
+    store_url = f"s3://{s3_bucket}/runs/a/scores"
+    out = tmp_path / "out"
+    result = run_trainer(
+        ["--shards", ",".join(shards), "--store", store_url, "--epochs", "4", "--batch", "8",
+         "--workers", "2", "--out", str(out),
+         "--storage-options", json.dumps(s3_server.storage_options)],
+        env=dict(s3_server.env, INFOBATCH_STREAM_CACHE=str(tmp_path / "cache")), torchrun=2,
+        timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-8000:]
+    logs = read_epochs(out)
+    assert sorted(logs) == [(r, e) for r in (0, 1) for e in range(4)]
+
+    store = ibs.ScoreStore(store_url, s3_server.storage_options, cache_dir=str(tmp_path / "c2"))
+    trained = {}
+    for epoch in range(4):
+        # Both ranks took the same number of steps, though their shards hold 270 vs 55 samples.
+        assert logs[(0, epoch)]["steps"] == logs[(1, epoch)]["steps"] > 0
+        keys = logs[(0, epoch)]["keys"] + logs[(1, epoch)]["keys"]
+        losses = np.array(logs[(0, epoch)]["losses"] + logs[(1, epoch)]["losses"], np.float32)
+        assert len(set(keys)) == len(keys)  # the ranks' shards are disjoint
+        if epoch >= 1:  # retention keeps the last 3 snapshots
+            snap = store.snapshot(epoch)
+            # Every key trained in the epoch is in that epoch's snapshot, with the loss it had.
+            np.testing.assert_array_equal(snap.lookup(keys), losses)
+            pos, found = snap.positions(ibs.hash_keys(keys))
+            assert found.all() and (snap.epochs[pos] == epoch).all()
+        trained[epoch] = len(keys)
+    # Epochs 1..2 prune (annealing starts at floor(0.875 * 4) = 3), so they train fewer.
+    assert trained[1] < trained[0] and trained[2] < trained[0]
+    assert trained[3] == trained[0]  # annealing: everything again, weight 1
+    assert store.latest_epoch == 3
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, run_trainer):
+    shards = ",".join(write_shards(tmp_path / "shards", [100, 80, 60]))
+    common = ["--shards", shards, "--epochs", "5", "--batch", "10", "--flush-rows", "20"]
+
+    straight = tmp_path / "straight"
+    result = run_trainer(common + ["--store", str(straight / "store"), "--out", str(straight),
+                                   "--ckpt", str(straight / "ckpt.pt")])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    crashed = tmp_path / "crashed"
+    args = common + ["--store", str(crashed / "store"), "--out", str(crashed),
+                     "--ckpt", str(crashed / "ckpt.pt")]
+    killed = run_trainer(args + ["--kill-at", "2:9"])
+    assert killed.returncode == -9  # a real SIGKILL, in the middle of epoch 2
+    store = ibs.ScoreStore(crashed / "store")
+    assert store.latest_epoch == 1
+    before = {e: store.snapshot(e).to_arrow() for e in store.epochs}
+    assert store.pending_deltas(2), "the killed epoch had flushed deltas"
+
+    resumed = run_trainer(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for epoch, table in before.items():  # no committed score was lost or changed
+        if epoch in store.epochs:
+            assert store.snapshot(epoch).to_arrow().equals(table)
+
+    a, b = read_epochs(straight), read_epochs(crashed)
+    assert sorted(a) == sorted(b) == [(0, e) for e in range(5)]
+    for key in a:
+        assert a[key]["keys"] == b[key]["keys"]  # same samples, same order, every epoch
+        np.testing.assert_array_equal(a[key]["losses"], b[key]["losses"])
+    final_a = ibs.ScoreStore(straight / "store").snapshot().to_arrow()
+    final_b = store.snapshot().to_arrow()
+    assert final_a.select(["hash", "score"]).equals(final_b.select(["hash", "score"]))
+
+
+@pytest.mark.parametrize("delta", [0.875, 0.7])
+def test_onecycle_from_planned_totals_never_overruns(tmp_path, run_trainer, delta):
+    sizes = [130, 70, 100]
+    shards = ",".join(write_shards(tmp_path / "shards", sizes))
+    out = tmp_path / "out"
+    result = run_trainer(["--shards", shards, "--store", str(tmp_path / "store"), "--epochs", "8",
+                          "--delta", str(delta), "--batch", "10", "--onecycle",
+                          "--dataset-size", str(sum(sizes)), "--out", str(out)])
+    # OneCycleLR raises ValueError("Tried to step ... times") if stepped past its total.
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = json.loads((out / "plan.json").read_text())
+    total = sum(e["steps"] for e in plan["epochs"])
+    logs = read_epochs(out)
+    steps = [logs[(0, e)]["steps"] for e in range(8)]
+    assert sum(steps) <= total
+    assert total - sum(steps) <= max(steps)  # ends within one epoch's worth of its total
+    assert steps[1] < steps[0]  # pruning really happened
