@@ -17,43 +17,71 @@ Fields added to each sample that passes:
 
 from __future__ import annotations
 
+from itertools import compress, islice
+from operator import itemgetter
 from typing import Iterable, Iterator
 
 import numpy as np
 from webdataset.filters import pipelinefilter
 from webdataset.handlers import reraise_exception
 
-from ..storage import ScoreStore, hash_keys
+from ..storage import ScoreSnapshot, ScoreStore, hash_keys
 from .keyfn import KeyFunction, sample_key
 from .policy import EpochRule, PruningPolicy
 
 DEFAULT_WINDOW = 512
+# The default key's C-level equivalent, for the fast path; a KeyError from it sends the
+# window to the slow path, where ``sample_key`` raises its explanatory error.
+_FAST_SAMPLE_KEY = itemgetter("__key__")
 
 
 def epoch_to_train(store: ScoreStore):
     """(epoch the next iteration trains, snapshot it prunes from): latest committed + 1."""
     latest = store.latest_epoch
-    epoch = 0 if latest is None else latest + 1
-    return epoch, store.snapshot(latest)
+    if latest is None:
+        # Not ``store.snapshot(None)``: it lists the store again, and an epoch committed in
+        # between would have epoch 0 pruned from snapshot 0.
+        return 0, ScoreSnapshot.empty()
+    return latest + 1, store.snapshot(latest)
 
 
-def _windows(data: Iterable[dict], key: KeyFunction, window: int, handler) -> Iterator[tuple[list, list]]:
-    """Group samples into windows of ``window``, with their key strings; bad samples go to ``handler``."""
-    samples: list[dict] = []
+def _one_by_one(samples: list, key: KeyFunction, handler) -> tuple[list, list, bool]:
+    """The slow path for a window where some key failed: each failure goes to ``handler``."""
+    kept: list[dict] = []
     names: list = []
-    for sample in data:
+    for sample in samples:
         try:
             name = key(sample)
         except Exception as exn:
             if handler(exn):
                 continue
-            break
-        samples.append(sample)
+            return kept, names, True
+        kept.append(sample)
         names.append(name)
-        if len(samples) >= window:
-            yield samples, names
-            samples, names = [], []
-    if samples:
+    return kept, names, False
+
+
+def _windows(data: Iterable[dict], key: KeyFunction, window: int, handler) -> Iterator[tuple[list, list]]:
+    """Group samples into windows of ``window``, with their key strings; bad samples go to ``handler``.
+
+    The common case runs in C: ``islice`` cuts the window and ``map`` takes every key. Only
+    a window in which some key fails is redone one sample at a time, through ``handler``.
+    """
+    fast_key = _FAST_SAMPLE_KEY if key is sample_key else key
+    source = iter(data)
+    while True:
+        samples = list(islice(source, window))
+        if not samples:
+            return
+        try:
+            names = list(map(fast_key, samples))
+        except Exception:
+            samples, names, stop = _one_by_one(samples, key, handler)
+            if samples:
+                yield samples, names
+            if stop:
+                return
+            continue
         yield samples, names
 
 
@@ -67,7 +95,7 @@ def _lookup_scores(data, store: ScoreStore, key: KeyFunction = sample_key,
         for sample, score, signed in zip(samples, scores.tolist(), hashes.view(np.int64).tolist()):
             sample["__score__"] = score
             sample["__key_hash__"] = signed
-            yield sample
+        yield from samples
 
 
 def _soft_prune(data, store: ScoreStore, policy: PruningPolicy, key: KeyFunction = sample_key,
@@ -79,13 +107,16 @@ def _soft_prune(data, store: ScoreStore, policy: PruningPolicy, key: KeyFunction
         hashes = hash_keys(names)
         scores = snapshot.lookup(hashes)
         weights = rule.weights(hashes, scores)
+        kept = weights != 0
+        if not kept.all():  # select first: the per-sample loop below sees only the kept
+            samples = list(compress(samples, kept.tolist()))
+            hashes, scores, weights = hashes[kept], scores[kept], weights[kept]
         for sample, score, weight, signed in zip(samples, scores.tolist(), weights.tolist(),
                                                  hashes.view(np.int64).tolist()):
-            if weight:
-                sample["__score__"] = score
-                sample["__weight__"] = weight
-                sample["__key_hash__"] = signed
-                yield sample
+            sample["__score__"] = score
+            sample["__weight__"] = weight
+            sample["__key_hash__"] = signed
+        yield from samples
 
 
 lookup_scores = pipelinefilter(_lookup_scores)
