@@ -96,16 +96,15 @@ class ScoreSnapshot:
         if len(hashes) < _SMALL_QUERY or self._bits == 0:
             pos = np.searchsorted(self.hashes, hashes)
         else:
-            prefix = (hashes >> self._shift).astype(np.intp)
-            pos = self._table[prefix].astype(np.intp)
-            count = self._table[prefix + 1] - pos
-            last = rows - 1
-            for _ in range(self._steps):
-                half = count >> 1
-                probe = pos + half
-                right = (self.hashes[np.minimum(probe, last)] < hashes) & (count > half)
-                pos += right * (half + 1)
-                count = np.where(right, count - half - 1, half)
+            # A branchless lower bound over the 2**steps - 1 rows from each bucket's start,
+            # which covers the widest bucket. Rows past a bucket's end belong to larger
+            # prefixes (never < the key), and a probe past the file's end is clipped to its
+            # last row, so a key's answer stays exact; two numpy calls per step, not six.
+            pos = self._table[(hashes >> self._shift).astype(np.intp)].astype(np.intp)
+            step = (1 << self._steps) >> 1
+            while step:
+                pos += (self.hashes.take(pos + (step - 1), mode="clip") < hashes) * step
+                step >>= 1
         clipped = np.minimum(pos, rows - 1)
         return clipped, self.hashes[clipped] == hashes
 
