@@ -16,6 +16,7 @@ after any restart, and the trainer or a planner can recompute it.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -40,8 +41,9 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+@functools.lru_cache(maxsize=256)
 def _stream(seed: int, epoch: int) -> np.uint64:
-    """One 64-bit stream id per (seed, epoch)."""
+    """One 64-bit stream id per (seed, epoch); cached: the stage asks for it every window."""
     state = np.array([(seed * _GOLDEN + 1) & _MASK], np.uint64)
     state = _mix64(_mix64(state) ^ np.uint64(((epoch + 1) * _GOLDEN) & _MASK))
     return state[0]
