@@ -179,3 +179,39 @@ def test_plan_steps_budget_keeps_every_epoch_within_the_total(tmp_path):
         run_epoch(ib, keys, rng.exponential(size=1000).astype(np.float32))
     assert sum(taken) <= plan.total_steps
     assert taken[0] == 100 and taken[-1] <= 100
+
+
+def test_a_second_run_on_the_same_store_is_refused(tmp_path):
+    first = ibs.InfoBatch(tmp_path / "store", num_epochs=4, run_id="job-a")
+    first.update(torch.ones(1), ["x"])
+    first.end_epoch()
+    second = ibs.InfoBatch(tmp_path / "store", num_epochs=4, run_id="job-b")
+    with pytest.raises(ibs.OwnershipError, match=r"belongs to run 'job-a'.*takeover=True"):
+        second.update(torch.ones(1), ["x"])
+    with pytest.raises(ibs.OwnershipError):  # the store refuses the commit too
+        second.store.commit(1, run_id="job-b")
+    assert second.store.latest_epoch == 0
+    taker = ibs.InfoBatch(tmp_path / "store", num_epochs=4, run_id="job-b", takeover=True)
+    taker.update(torch.ones(1), ["x"])
+    assert taker.end_epoch().run_id == "job-b"
+
+
+def test_a_restart_of_the_same_run_is_never_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-1")
+    ib = ibs.InfoBatch(tmp_path / "store", num_epochs=4)
+    ib.update(torch.ones(1), ["x"])
+    assert ib.end_epoch().run_id == "launch-1"
+    state = ib.state_dict()
+    # torchrun --standalone gives every launch a new run id; the checkpoint carries the first.
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-2")
+    restarted = ibs.InfoBatch(tmp_path / "store", num_epochs=4)
+    restarted.load_state_dict(state)
+    restarted.update(torch.ones(1), ["x"])
+    assert restarted.end_epoch().run_id == "launch-1"
+
+
+def test_plain_use_without_run_ids_keeps_working(tmp_path):
+    for _ in range(2):
+        ib = ibs.InfoBatch(tmp_path / "store", num_epochs=4)
+        ib.update(torch.ones(1), ["x"])
+        assert ib.end_epoch().run_id is None

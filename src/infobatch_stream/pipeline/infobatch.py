@@ -14,6 +14,7 @@ each epoch ends with one commit (all ranks flush, rank 0 merges, everyone waits 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from typing import Any, Iterable, Iterator
 
@@ -25,6 +26,7 @@ from ..stages.keyfn import KeyFunction, resolve_key, sample_key
 from ..stages.policy import InfoBatchPolicy, PruningPolicy, RandomPolicy
 from ..stages.prune import DEFAULT_WINDOW, epoch_to_train, lookup_scores, soft_prune
 from ..storage import Manifest, ScoreSnapshot, ScoreStore, hash_keys
+from ..storage.store import check_owner
 from . import distributed
 from .planning import EpochPlan, StepPlan, plan_epoch, plan_steps
 
@@ -32,6 +34,12 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 POLICIES = {"infobatch": InfoBatchPolicy, "random": RandomPolicy}
+
+
+def launcher_run_id() -> str | None:
+    """The run id the launcher gives this job: torchrun's ``TORCHELASTIC_RUN_ID``, if set."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    return None if run_id in (None, "", "none") else run_id
 
 
 class InfoBatch:
@@ -47,7 +55,10 @@ class InfoBatch:
         storage_options: fsspec options for the store URL (e.g. an S3 endpoint).
         policy: ``"infobatch"`` (default), ``"random"`` (same budget, a baseline) or an object
             with ``rule(epoch, snapshot)``.
-        run_id: the identity of this training run (defaults to torchrun's run id).
+        run_id: the identity of this training run, recorded with each commit; a store whose
+            last commit was made by another run is refused. Defaults to torchrun's run id;
+            ``load_state_dict`` restores the checkpoint's, so a restart is the same run.
+        takeover: continue a store committed by another run, on purpose.
         flush_rows: scores buffered per rank before a delta is written mid-epoch (a crash
             keeps what was flushed; the re-run epoch's later writes win).
 
@@ -61,7 +72,7 @@ class InfoBatch:
                  storage_options: dict[str, Any] | None = None, *,
                  policy: "str | PruningPolicy" = "infobatch", cache_dir: str | None = None,
                  window: int = DEFAULT_WINDOW, run_id: str | None = None,
-                 flush_rows: int = 1 << 20):
+                 takeover: bool = False, flush_rows: int = 1 << 20):
         self.store = store if isinstance(store, ScoreStore) else ScoreStore(
             store, storage_options, cache_dir)
         if isinstance(policy, str):
@@ -77,7 +88,9 @@ class InfoBatch:
         self.policy = policy
         self.key = resolve_key(key)
         self.window = window
-        self.run_id = run_id
+        self._run_id_given = run_id is not None
+        self.run_id = run_id if run_id is not None else launcher_run_id()
+        self.takeover = bool(takeover)
         self.flush_rows = int(flush_rows)
         self._epoch: int | None = None        # the epoch in progress, None between epochs
         self._writer = None
@@ -117,6 +130,8 @@ class InfoBatch:
 
     def _begin_epoch(self) -> int:
         if self._epoch is None:
+            # Fail before an epoch of training, not at its commit, if another run owns the store.
+            check_owner(self.store.url, self.store.manifest(), self.run_id, self.takeover)
             self._epoch = self.epoch
             self._writer = self.store.writer(self._epoch, rank=distributed.rank(),
                                              flush_rows=self.flush_rows)
@@ -152,7 +167,8 @@ class InfoBatch:
             error = exc
         distributed.all_ranks_ok(error, f"flushing the scores of epoch {epoch}")
         manifest = distributed.on_rank_zero(
-            lambda: self.store.commit(epoch, run_id=self.run_id), f"committing epoch {epoch}")
+            lambda: self.store.commit(epoch, run_id=self.run_id, takeover=self.takeover),
+            f"committing epoch {epoch}")
         self._epoch = None
         self._writer = None
         return manifest if manifest is not None else self.store.manifest(epoch)
@@ -322,5 +338,5 @@ class InfoBatch:
         self._plan_origin = int(state["plan_origin"])
         plan = state.get("step_plan")
         self._step_plan = None if plan is None else StepPlan.from_dict(plan)
-        if self.run_id is None:
+        if not self._run_id_given:  # the checkpoint's run id, not this launch's new one
             self.run_id = state.get("run_id")

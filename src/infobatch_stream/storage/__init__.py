@@ -3,7 +3,7 @@
 Knows nothing of torch or webdataset; everything is numpy, Arrow IPC, JSON and fsspec.
 """
 
-from .errors import CorruptStoreError, NotAStoreError, StoreError
+from .errors import CorruptStoreError, NotAStoreError, OwnershipError, StoreError
 from .keys import KEY_HASH_NAME, hash_key, hash_keys
 from .layout import Manifest
 from .snapshot import ScoreSnapshot
@@ -11,6 +11,6 @@ from .store import ScoreStore
 from .writer import DeltaWriter
 
 __all__ = [
-    "KEY_HASH_NAME", "CorruptStoreError", "DeltaWriter", "Manifest", "NotAStoreError",
+    "KEY_HASH_NAME", "CorruptStoreError", "DeltaWriter", "Manifest", "NotAStoreError", "OwnershipError",
     "ScoreSnapshot", "ScoreStore", "StoreError", "hash_key", "hash_keys",
 ]

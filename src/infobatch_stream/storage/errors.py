@@ -28,3 +28,7 @@ class CorruptStoreError(StoreError):
             f"foreign process, or damaged in storage; restore it, or delete the epochs after the "
             f"last good one to resume from there."
         )
+
+
+class OwnershipError(StoreError):
+    """The store's last commit was made by another training run (a different ``run_id``)."""

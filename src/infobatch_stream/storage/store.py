@@ -17,13 +17,28 @@ import uuid
 from typing import Any
 
 from . import cache, fsio, layout
-from .errors import CorruptStoreError, NotAStoreError, StoreError
+from .errors import CorruptStoreError, NotAStoreError, OwnershipError, StoreError
 from .layout import Manifest
 from .merge import merge_snapshot, open_delta
 from .snapshot import ScoreSnapshot
 from .writer import DeltaWriter
 
 log = logging.getLogger(__name__)
+
+
+def check_owner(url: str, manifest: Manifest | None, run_id: str | None, takeover: bool) -> None:
+    """Refuse a run that is not the one which committed the store's latest epoch.
+
+    A store that was never committed with a run id (plain use) belongs to nobody.
+    """
+    if manifest is None or manifest.run_id is None or manifest.run_id == run_id or takeover:
+        return
+    raise OwnershipError(
+        f"{url} belongs to run {manifest.run_id!r} (it committed epoch {manifest.epoch} at "
+        f"{manifest.created_at}); this run is {run_id!r}. Two jobs must not share a store: use "
+        f"another store URL, or continue that run with run_id={manifest.run_id!r} (it travels in "
+        f"InfoBatch.state_dict()), or take the store over deliberately with takeover=True"
+    )
 
 
 def _now() -> str:
@@ -136,6 +151,11 @@ class ScoreStore:
     # -- reading --------------------------------------------------------------------------
 
     @property
+    def exists(self) -> bool:
+        """Whether a store has been created at this URL (False for an empty or missing location)."""
+        return self._read_marker() is not None
+
+    @property
     def epochs(self) -> list[int]:
         """The committed epochs still retained in the store, oldest first."""
         self._check_marker(creating=False)
@@ -194,6 +214,8 @@ class ScoreStore:
             snap = ScoreSnapshot.open(path, manifest.epoch)
             if snap.digest != manifest.snapshot_xxh3:
                 raise ValueError("is not the file its manifest names (checksum differs)")
+            if snap.mean != manifest.mean:  # the checksum covers the columns, not the metadata
+                raise ValueError(f"has mean {snap.mean}, its manifest says {manifest.mean}")
             return snap
         except FileNotFoundError:
             problem = f"snapshot named by {layout.manifest_name(manifest.epoch)} is missing"
@@ -235,11 +257,12 @@ class ScoreStore:
         """A DeltaWriter for the updates of ``epoch`` made on ``rank``."""
         return DeltaWriter(self, epoch, rank, **kwargs)
 
-    def commit(self, epoch: int, *, run_id: str | None = None) -> Manifest:
+    def commit(self, epoch: int, *, run_id: str | None = None, takeover: bool = False) -> Manifest:
         """Merge every delta of ``epoch`` present now into the snapshot of ``epoch``.
 
         Epochs commit in order; committing an epoch that is already committed returns its
-        manifest and changes nothing.
+        manifest and changes nothing. ``run_id`` is recorded in the manifest; a run other than
+        the one that made the latest commit is refused (OwnershipError) unless ``takeover``.
         """
         layout.check_epoch(epoch)
         self._check_marker(creating=True)
@@ -252,6 +275,8 @@ class ScoreStore:
                 f"{self.url}: cannot commit epoch {epoch}; the latest committed epoch is {latest}, "
                 f"so the next commit must be epoch {expected} (epochs commit in order)"
             )
+        check_owner(self.url, self.manifest(latest) if latest is not None else None, run_id,
+                    takeover)
         previous = self.snapshot(latest) if latest is not None else ScoreSnapshot.empty()
         delta_names = self.pending_deltas(epoch)
         # Work next to where the snapshot ends up, so that moving it there is a rename.
