@@ -11,6 +11,8 @@ from __future__ import annotations
 import posixpath
 from typing import Any, Callable
 
+from ..storage import hash_keys
+
 KeyFunction = Callable[[dict], "str | bytes"]
 
 
@@ -31,11 +33,18 @@ def _missing(sample: dict, field: str) -> MissingKeyError:
 
 
 def sample_key(sample: dict) -> Any:
-    """The sample's ``__key__`` (the default)."""
+    """The sample's ``__key__`` (the default).
+
+    A ``None`` key counts as missing: webdataset's ``.map()`` puts ``__key__: None`` back
+    into a sample whose function deleted the field.
+    """
     try:
-        return sample["__key__"]
+        key = sample["__key__"]
     except KeyError:
         raise _missing(sample, "__key__") from None
+    if key is None:
+        raise _missing(sample, "__key__")
+    return key
 
 
 def shard_key(sample: dict) -> str:
@@ -50,6 +59,16 @@ def shard_key(sample: dict) -> str:
     except KeyError:
         raise _missing(sample, "__url__") from None
     return f"{posixpath.basename(url)}/{key}"
+
+
+def key_hash(sample: dict, key: KeyFunction) -> int:
+    """The store's hash of one sample's key; a key that cannot be hashed names its shard."""
+    name = key(sample)
+    try:
+        return int(hash_keys([name])[0])
+    except (TypeError, ValueError) as exc:
+        url = sample.get("__url__", "<unknown shard>") if isinstance(sample, dict) else "?"
+        raise type(exc)(f"the key of a sample of shard {url}: {exc}") from None
 
 
 def resolve_key(key: "str | KeyFunction | None") -> KeyFunction:

@@ -26,7 +26,7 @@ from webdataset.filters import pipelinefilter
 from webdataset.handlers import reraise_exception
 
 from ..storage import ScoreSnapshot, ScoreStore, hash_keys
-from .keyfn import KeyFunction, sample_key
+from .keyfn import KeyFunction, key_hash, sample_key
 from .policy import EpochRule, PruningPolicy
 
 DEFAULT_WINDOW = 512
@@ -45,27 +45,33 @@ def epoch_to_train(store: ScoreStore):
     return latest + 1, store.snapshot(latest)
 
 
-def _one_by_one(samples: list, key: KeyFunction, handler) -> tuple[list, list, bool]:
-    """The slow path for a window where some key failed: each failure goes to ``handler``."""
-    kept: list[dict] = []
-    names: list = []
+def _one_by_one(samples: list, key: KeyFunction, handler) -> tuple[list, np.ndarray, bool]:
+    """The slow path of a window where some key failed: each failure goes to ``handler``.
+
+    Returns (the samples that have a key, their key hashes, whether the handler said stop).
+    """
+    good: list[dict] = []
+    hashes: list[int] = []
+    stop = False
     for sample in samples:
         try:
-            name = key(sample)
+            hashes.append(key_hash(sample, key))
         except Exception as exn:
             if handler(exn):
                 continue
-            return kept, names, True
-        kept.append(sample)
-        names.append(name)
-    return kept, names, False
+            stop = True
+            break
+        good.append(sample)
+    return good, np.array(hashes, np.uint64), stop
 
 
-def _windows(data: Iterable[dict], key: KeyFunction, window: int, handler) -> Iterator[tuple[list, list]]:
-    """Group samples into windows of ``window``, with their key strings; bad samples go to ``handler``.
+def _windows(data: Iterable[dict], key: KeyFunction, window: int,
+             handler) -> Iterator[tuple[list, np.ndarray]]:
+    """Group samples into windows of ``window`` with their key hashes; bad samples go to ``handler``.
 
-    The common case runs in C: ``islice`` cuts the window and ``map`` takes every key. Only
-    a window in which some key fails is redone one sample at a time, through ``handler``.
+    The common case runs in C: ``islice`` cuts the window, ``map`` takes every key and
+    ``hash_keys`` hashes them at once. Only a window in which some key fails (missing, or
+    not a string) is redone one sample at a time, through ``handler``.
     """
     fast_key = _FAST_SAMPLE_KEY if key is sample_key else key
     source = iter(data)
@@ -74,23 +80,22 @@ def _windows(data: Iterable[dict], key: KeyFunction, window: int, handler) -> It
         if not samples:
             return
         try:
-            names = list(map(fast_key, samples))
+            hashes = hash_keys(list(map(fast_key, samples)))
         except Exception:
-            samples, names, stop = _one_by_one(samples, key, handler)
+            samples, hashes, stop = _one_by_one(samples, key, handler)
             if samples:
-                yield samples, names
+                yield samples, hashes
             if stop:
                 return
             continue
-        yield samples, names
+        yield samples, hashes
 
 
 def _lookup_scores(data, store: ScoreStore, key: KeyFunction = sample_key,
                    window: int = DEFAULT_WINDOW, handler=reraise_exception):
     """Attach ``__score__`` (last loss, NaN if unseen) and ``__key_hash__``; drop nothing."""
     _, snapshot = epoch_to_train(store)
-    for samples, names in _windows(data, key, window, handler):
-        hashes = hash_keys(names)
+    for samples, hashes in _windows(data, key, window, handler):
         scores = snapshot.lookup(hashes)
         for sample, score, signed in zip(samples, scores.tolist(), hashes.view(np.int64).tolist()):
             sample["__score__"] = score
@@ -103,8 +108,7 @@ def _soft_prune(data, store: ScoreStore, policy: PruningPolicy, key: KeyFunction
     """Look up, soft-prune, rescale and anneal: drop samples by ``policy``, weight the rest."""
     epoch, snapshot = epoch_to_train(store)
     rule: EpochRule = policy.rule(epoch, snapshot)
-    for samples, names in _windows(data, key, window, handler):
-        hashes = hash_keys(names)
+    for samples, hashes in _windows(data, key, window, handler):
         scores = snapshot.lookup(hashes)
         weights = rule.weights(hashes, scores)
         kept = weights != 0
