@@ -261,14 +261,20 @@ class ScoreStore:
         """Merge every delta of ``epoch`` present now into the snapshot of ``epoch``.
 
         Epochs commit in order; committing an epoch that is already committed returns its
-        manifest and changes nothing. ``run_id`` is recorded in the manifest; a run other than
-        the one that made the latest commit is refused (OwnershipError) unless ``takeover``.
+        manifest and writes nothing; for the latest epoch it finishes the clean-up of an
+        earlier commit of it that died after writing its manifest. ``run_id`` is recorded in
+        the manifest; a run other than the one that made the latest commit is refused
+        (OwnershipError) unless ``takeover``.
         """
         layout.check_epoch(epoch)
         self._check_marker(creating=True)
         latest = self.latest_epoch
         if latest is not None and epoch <= latest:
-            return self.manifest(epoch) if epoch in self.epochs else self.manifest(latest)
+            if epoch < latest:
+                return self.manifest(epoch) if epoch in self.epochs else self.manifest(latest)
+            manifest = self.manifest(latest)
+            self._retain(manifest)  # a no-op unless the committing process died in _retain
+            return manifest
         expected = 0 if latest is None else latest + 1
         if epoch != expected:
             raise StoreError(
