@@ -1,16 +1,19 @@
 """The commit's merge: previous snapshot + an epoch's deltas -> the next snapshot file.
 
 Every input is sorted by key hash, so the merge walks the hash space in ranges of ~256K
-rows: for each range it takes the matching slice of the snapshot and of every delta
-(memory-mapped), resolves duplicates (last write wins: deltas are given in write order and
-the sort is stable), overlays the updates on the old scores and appends the result to the
-output columns. Working memory is one range; the output columns (16 bytes per key) are the
-only thing that grows with the store, and they are allocated untouched, so the pages of an
-upper bound that is never reached are never used.
+rows: for each range it reads the matching rows of the snapshot and of every delta from
+their files (not through their memory maps, which would leave every input resident in the
+committing process), resolves duplicates (last write wins: deltas are given in write order
+and the sort is stable), overlays the updates on the old scores and appends the result to
+the output columns. Working memory is one range; the output columns (16 bytes per key) are
+the only thing that grows with the store, and they are allocated untouched, so the pages of
+an upper bound that is never reached are never used.
 """
 
 from __future__ import annotations
 
+import os
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +24,7 @@ from .tables import DELTA_SCHEMA, SNAPSHOT_SCHEMA, TableFile, open_table_file, w
 from .writer import last_write_wins
 
 _ROWS_PER_RANGE = 1 << 18
+_ROWS_PER_SCAN = 1 << 20
 
 
 @dataclass
@@ -42,12 +46,34 @@ def open_delta(path: str, epoch: int) -> TableFile:
     return delta
 
 
-def _range_starts(hashes: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-    starts = np.empty(len(bounds) + 2, np.intp)
+def _range_starts(rows, count: int, bounds: np.ndarray) -> np.ndarray:
+    """The first row of each range: [0, lower bound of each of ``bounds``, count].
+
+    The hash column is read in chunks through ``rows`` rather than searched in place: a binary
+    search over a memory map faults in (and keeps resident) 64 KB around every probe.
+    """
+    starts = np.full(len(bounds) + 2, count, np.intp)
     starts[0] = 0
-    starts[1:-1] = np.searchsorted(hashes, bounds)
-    starts[-1] = len(hashes)
+    pending = np.ones(len(bounds), bool)
+    for lo in range(0, count, _ROWS_PER_SCAN):
+        chunk = rows("hash", lo, min(count, lo + _ROWS_PER_SCAN))
+        pos = np.searchsorted(chunk, bounds)
+        found = pending & (pos < len(chunk))  # the first chunk holding a hash >= the bound
+        starts[1:-1][found] = lo + pos[found]
+        pending &= ~found
+        if not pending.any():
+            break
     return starts
+
+
+def _row_reader(table: TableFile | None, columns: dict[str, np.ndarray], stack: ExitStack):
+    """``rows(name, lo, hi)`` of a table: read from its file when it has one (pages read are
+    not kept resident, as mapped pages would be), else sliced from the arrays."""
+    if table is None or table.path is None:
+        return lambda name, lo, hi: columns[name][lo:hi]
+    fd = os.open(table.path, os.O_RDONLY)
+    stack.callback(os.close, fd)
+    return lambda name, lo, hi: table.read_rows(fd, name, lo, hi) if hi > lo else columns[name][:0]
 
 
 def merge_snapshot(previous: ScoreSnapshot, deltas: list[TableFile], epoch: int, out_path: str,
@@ -57,9 +83,6 @@ def merge_snapshot(previous: ScoreSnapshot, deltas: list[TableFile], epoch: int,
     ranges = max(1, -(-upper // _ROWS_PER_RANGE))
     # Interior range boundaries, evenly spaced over the 64-bit hash space.
     bounds = np.array([(i << 64) // ranges for i in range(1, ranges)], np.uint64)
-    old_starts = _range_starts(previous.hashes, bounds)
-    delta_starts = [_range_starts(d.columns["hash"], bounds) for d in deltas]
-
     out_hash = np.empty(upper, np.uint64)
     out_score = np.empty(upper, np.float32)
     out_epoch = np.empty(upper, np.uint32)
@@ -69,38 +92,45 @@ def merge_snapshot(previous: ScoreSnapshot, deltas: list[TableFile], epoch: int,
     duplicates = sum(int(d.meta.get("duplicates", 0)) for d in deltas)
     rejected = sum(int(d.meta.get("rejected_nonfinite", 0)) for d in deltas)
 
-    for r in tqdm(range(ranges), desc=f"commit epoch {epoch}", unit="range", leave=False,
-                  disable=None if upper > 5_000_000 else True):
-        lo, hi = old_starts[r], old_starts[r + 1]
-        old_hash = previous.hashes[lo:hi]
-        parts = [(d.columns["hash"][s[r]:s[r + 1]], d.columns["score"][s[r]:s[r + 1]])
-                 for d, s in zip(deltas, delta_starts)]
-        new_hash = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.uint64)
-        new_score = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.float32)
-        new_hash, new_score, dups = last_write_wins(new_hash, new_score)
-        duplicates += dups
-        updated += len(new_hash)
+    with ExitStack() as stack:
+        old_rows = _row_reader(previous.file, {"hash": previous.hashes, "score": previous.scores,
+                                               "epoch": previous.epochs}, stack)
+        delta_rows = [_row_reader(d, d.columns, stack) for d in deltas]
+        old_starts = _range_starts(old_rows, len(previous), bounds)
+        delta_starts = [_range_starts(read, len(d.columns["hash"]), bounds)
+                        for read, d in zip(delta_rows, deltas)]
+        for r in tqdm(range(ranges), desc=f"commit epoch {epoch}", unit="range", leave=False,
+                      disable=None if upper > 5_000_000 else True):
+            lo, hi = old_starts[r], old_starts[r + 1]
+            old_hash = old_rows("hash", lo, hi)
+            parts = [(read("hash", s[r], s[r + 1]), read("score", s[r], s[r + 1]))
+                     for read, s in zip(delta_rows, delta_starts)]
+            new_hash = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.uint64)
+            new_score = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.float32)
+            new_hash, new_score, dups = last_write_wins(new_hash, new_score)
+            duplicates += dups
+            updated += len(new_hash)
 
-        pos = np.searchsorted(old_hash, new_hash)
-        present = pos < len(old_hash)
-        present[present] = old_hash[pos[present]] == new_hash[present]
-        score = previous.scores[lo:hi].copy()
-        last_epoch = previous.epochs[lo:hi].copy()
-        score[pos[present]] = new_score[present]
-        last_epoch[pos[present]] = epoch
-        absent = ~present
-        insert_at = pos[absent]
-        new_keys += len(insert_at)
-        merged_hash = np.insert(old_hash, insert_at, new_hash[absent])
-        merged_score = np.insert(score, insert_at, new_score[absent])
-        merged_epoch = np.insert(last_epoch, insert_at, np.uint32(epoch))
+            pos = np.searchsorted(old_hash, new_hash)
+            present = pos < len(old_hash)
+            present[present] = old_hash[pos[present]] == new_hash[present]
+            score = np.array(old_rows("score", lo, hi))  # a private, writable copy
+            last_epoch = np.array(old_rows("epoch", lo, hi))
+            score[pos[present]] = new_score[present]
+            last_epoch[pos[present]] = epoch
+            absent = ~present
+            insert_at = pos[absent]
+            new_keys += len(insert_at)
+            merged_hash = np.insert(old_hash, insert_at, new_hash[absent])
+            merged_score = np.insert(score, insert_at, new_score[absent])
+            merged_epoch = np.insert(last_epoch, insert_at, np.uint32(epoch))
 
-        n = len(merged_hash)
-        out_hash[rows:rows + n] = merged_hash
-        out_score[rows:rows + n] = merged_score
-        out_epoch[rows:rows + n] = merged_epoch
-        score_sum += float(merged_score.sum(dtype=np.float64))
-        rows += n
+            n = len(merged_hash)
+            out_hash[rows:rows + n] = merged_hash
+            out_score[rows:rows + n] = merged_score
+            out_epoch[rows:rows + n] = merged_epoch
+            score_sum += float(merged_score.sum(dtype=np.float64))
+            rows += n
 
     mean = score_sum / rows if rows else None
     meta = {"kind": "snapshot", "epoch": epoch, "mean": mean, "score_sum": score_sum}

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from .keys import hash_keys
-from .tables import SNAPSHOT_SCHEMA, open_table_file
+from .tables import SNAPSHOT_SCHEMA, TableFile, open_table_file
 
 _ROWS_PER_PREFIX = 8
 _SMALL_QUERY = 16  # below this many keys a plain binary search has less overhead
@@ -44,7 +44,9 @@ class ScoreSnapshot:
         self.mean = mean
         self.path = path
         self._batch = batch
-        self._build_prefix_table()
+        self.file: TableFile | None = None
+        self._table: np.ndarray | None = None  # built by the first batched lookup
+        self._bits = 0
 
     @classmethod
     def empty(cls) -> "ScoreSnapshot":
@@ -62,8 +64,10 @@ class ScoreSnapshot:
         mean = table.meta.get("mean")
         if (mean is None) != (rows == 0):
             raise ValueError("its mean does not match its row count")
-        return cls(epoch, table.columns["hash"], table.columns["score"], table.columns["epoch"],
+        snap = cls(epoch, table.columns["hash"], table.columns["score"], table.columns["epoch"],
                    mean, path, table.batch, table.meta["digest"])
+        snap.file = table  # lets a commit read it in ranges instead of through the mapping
+        return snap
 
     def __len__(self) -> int:
         return int(self.hashes.shape[0])
@@ -93,6 +97,10 @@ class ScoreSnapshot:
         rows = len(self)
         if rows == 0:
             return np.zeros(len(hashes), np.int64), np.zeros(len(hashes), bool)
+        if self._table is None and len(hashes) >= _SMALL_QUERY:
+            # Built on first use: building it touches every page of the hash column, which a
+            # commit (that reads the snapshot once, from the file) must not keep resident.
+            self._build_prefix_table()
         if len(hashes) < _SMALL_QUERY or self._bits == 0:
             pos = np.searchsorted(self.hashes, hashes)
         else:

@@ -9,7 +9,8 @@ checksum of its column data: a damaged file is refused, never read as wrong scor
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,8 @@ SNAPSHOT_SCHEMA = pa.schema(
     [("hash", pa.uint64()), ("score", pa.float32()), ("epoch", pa.uint32())]
 )
 DELTA_SCHEMA = pa.schema([("hash", pa.uint64()), ("score", pa.float32())])
+
+_READ_CHUNK = 8 << 20
 
 
 def columns_digest(columns: list[np.ndarray]) -> str:
@@ -57,11 +60,50 @@ def write_table_file(sink: Any, schema: pa.Schema, columns: list[np.ndarray],
 
 @dataclass
 class TableFile:
-    """A memory-mapped table file: numpy views of its columns and its metadata."""
+    """A memory-mapped table file: numpy views of its columns and its metadata.
+
+    ``offsets`` holds where each column's data starts in the file, so that a pass over a whole
+    file (a checksum, a commit's merge) can read it with ``read_rows`` instead of touching the
+    mapping: read pages are not kept resident in the process, mapped ones are.
+    """
 
     columns: dict[str, np.ndarray]
     meta: dict[str, Any]
     batch: pa.RecordBatch
+    path: str | None = None
+    offsets: dict[str, int] = field(default_factory=dict)
+
+    def read_rows(self, fd: int, name: str, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo:hi`` of a column as a private array, read from ``fd`` (this file, opened)."""
+        column = self.columns[name]
+        out = np.empty(max(hi - lo, 0), column.dtype)
+        _pread_into(fd, memoryview(out).cast("B"), self.offsets[name] + lo * column.itemsize)
+        return out
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> None:
+    while len(view):
+        got = os.preadv(fd, [view], offset)
+        if got <= 0:
+            raise ValueError("is shorter than its own metadata says (truncated)")
+        view, offset = view[got:], offset + got
+
+
+def _file_columns_digest(path: str, spans: list[tuple[int, int]]) -> str:
+    """``columns_digest`` of columns stored at (offset, nbytes) in ``path``, read in chunks."""
+    digest = xxhash.xxh3_64()
+    chunk = memoryview(bytearray(_READ_CHUNK))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset, nbytes in spans:
+            while nbytes:
+                part = chunk[:min(nbytes, _READ_CHUNK)]
+                _pread_into(fd, part, offset)
+                digest.update(part)
+                offset, nbytes = offset + len(part), nbytes - len(part)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
 
 
 def open_table_file(path: str, schema: pa.Schema, kind: str) -> TableFile:
@@ -92,6 +134,14 @@ def open_table_file(path: str, schema: pa.Schema, kind: str) -> TableFile:
     columns = {
         name: batch.column(i).to_numpy(zero_copy_only=True) for i, name in enumerate(schema.names)
     }
-    if columns_digest(list(columns.values())) != meta.get("digest"):
+    # Where each column lies in the file: its address in the mapping minus the file's.
+    source.seek(0)
+    base = source.read_buffer(1).address if batch.num_rows else 0  # zero-copy: the mapping
+    offsets = {name: col.ctypes.data - base for name, col in columns.items() if len(col)}
+    # Checked by reading the file, not through the mapping: a commit checks every input and
+    # must not keep them all resident; the pages stay in the page cache either way.
+    digest = _file_columns_digest(path, [(offsets[name], col.nbytes)
+                                         for name, col in columns.items() if len(col)])
+    if digest != meta.get("digest"):
         raise ValueError("column data does not match its checksum (the file is damaged)")
-    return TableFile(columns=columns, meta=meta, batch=batch)
+    return TableFile(columns=columns, meta=meta, batch=batch, path=path, offsets=offsets)
