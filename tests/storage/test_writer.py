@@ -171,3 +171,31 @@ def test_an_exception_inside_the_writer_block_flushes_nothing(local_backend: Bac
             writer.record(["a"], [1.0])
             raise RuntimeError("trainer crashed")
     assert store.pending_deltas(0) == []
+
+
+@pytest.mark.parametrize("shape", ["uniform", "duplicates", "narrow", "constant", "extremes", "small"])
+def test_stable_sort_is_argsort_stable(shape: str) -> None:
+    """The writer's and the merge's sort is exactly a stable argsort (ties keep write order:
+    that is what makes the last write win)."""
+    from infobatch_stream.storage.writer import last_write_wins, stable_sort
+
+    rng = np.random.default_rng(len(shape))
+    n = 1000 if shape == "small" else 150_000
+    hashes = {
+        "uniform": lambda: rng.integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True),
+        "duplicates": lambda: rng.integers(0, 2**64 - 1, n // 50, dtype=np.uint64)[rng.integers(0, n // 50, n)],
+        "narrow": lambda: np.uint64(2**40) + rng.integers(0, 3 * n, n, dtype=np.uint64),
+        "constant": lambda: np.full(n, 12345, np.uint64),
+        "extremes": lambda: rng.choice(np.array([0, 1, 2**64 - 2, 2**64 - 1], np.uint64), n),
+        "small": lambda: rng.integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True),
+    }[shape]()
+    order, sorted_hashes = stable_sort(hashes)
+    expected = np.argsort(hashes, kind="stable")
+    assert np.array_equal(order, expected)
+    assert np.array_equal(sorted_hashes, hashes[expected])
+    scores = np.arange(n, dtype=np.float32)  # the write position of each update
+    kept_hashes, kept_scores, duplicates = last_write_wins(hashes, scores)
+    unique, last_index = np.unique(hashes[::-1], return_index=True)
+    assert np.array_equal(kept_hashes, unique)
+    assert np.array_equal(kept_scores, (n - 1 - last_index).astype(np.float32))
+    assert duplicates == n - len(unique)
