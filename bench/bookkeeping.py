@@ -7,7 +7,9 @@ three parts, all of them work the training process does while the GPU would wait
   weighted mean. Ours is ``InfoBatch.update(loss, keys, weights)`` with the batch's keys as
   the trainer gets them from the DataLoader: a list of ``__key__`` strings such as
   ``"n01440764_10026"`` (variant ``str``), or the stage's ``__key_hash__`` int64 tensor
-  (variant ``hash``); ``weights`` is the stage's collated ``__weight__`` (float64 tensor);
+  (variant ``hash``); ``weights`` is the stage's collated ``__weight__`` (float64 tensor).
+  Each batch's tensors are made (``torch.from_numpy``) and its strings unpickled just
+  before its call, outside the timing, as a batch arrives from a DataLoader worker;
 - ``commit``: ours only, ``InfoBatch.end_epoch()`` (flush the deltas, merge the snapshot,
   write it and its manifest, on a local store on disk);
 - ``plan``: the planning of the coming epoch. Ours: ``InfoBatch.plan(N)`` (opens and verifies
@@ -163,11 +165,11 @@ def _run_reference(ref: OfficialBookkeeping, losses: np.ndarray) -> dict[str, An
     start = time.perf_counter()
     index_batches = _official_batches(ref, BATCH)
     sampler_s = time.perf_counter() - start
-    # Collated as the DataLoader would: the index tensor and the batch's losses.
-    batches = [pickle.dumps((torch.tensor(b), torch.from_numpy(losses[b]))) for b in index_batches]
+    batches = [(np.array(b), losses[b]) for b in index_batches]
     update_s = 0.0
-    for blob in batches:
-        index, loss = pickle.loads(blob)  # untimed: a batch fresh from the DataLoader's queue
+    for index_np, loss_np in batches:
+        # untimed: collated as the DataLoader would, the index tensor and the batch's losses
+        index, loss = torch.from_numpy(index_np), torch.from_numpy(loss_np)
         cpu = time.process_time()
         start = time.perf_counter()
         ref.cur_batch_index = index
@@ -180,13 +182,13 @@ def _run_reference(ref: OfficialBookkeeping, losses: np.ndarray) -> dict[str, An
 
 
 def _ours_batches(ib: ibs.InfoBatch, keys: list[str], hashes: np.ndarray, losses: np.ndarray,
-                  key_kind: str, epoch: int) -> list[bytes]:
+                  key_kind: str, epoch: int) -> list[tuple]:
     """The batches the stage would hand the trainer this epoch (untimed): kept samples only,
-    shuffled, with their ``__key__`` strings or ``__key_hash__`` tensor and ``__weight__``.
+    shuffled, with their ``__key__`` strings or ``__key_hash__`` values and ``__weight__``.
 
-    Pickled, as a DataLoader worker sends them: each is unpickled just before its update,
-    so its key strings are fresh in the cache as they are in a real loop (hashing strings
-    picked at random from the 1.28M-key list would cost 4x more, in cache misses alone).
+    Key strings are pickled, as a DataLoader worker sends them, and unpickled just before
+    their update, so they are fresh in the cache as in a real loop (hashing strings picked at
+    random from the 1.28M-key list would cost 4x more, in cache misses alone).
     """
     snapshot = ib.store.snapshot() if ib.store.latest_epoch is not None else ibs.ScoreSnapshot.empty()
     rule = ib.policy.rule(epoch, snapshot)
@@ -197,9 +199,8 @@ def _ours_batches(ib: ibs.InfoBatch, keys: list[str], hashes: np.ndarray, losses
     out = []
     for start in range(0, len(kept) - BATCH + 1, BATCH):
         rows = kept[start:start + BATCH]
-        batch_keys = [keys[i] for i in rows] if key_kind == "str" else torch.from_numpy(signed[rows])
-        out.append(pickle.dumps((torch.from_numpy(losses[rows]), batch_keys,
-                                 torch.from_numpy(weights[rows].astype(np.float64)))))
+        batch_keys = pickle.dumps([keys[i] for i in rows]) if key_kind == "str" else signed[rows]
+        out.append((losses[rows], batch_keys, weights[rows].astype(np.float64)))
     return out
 
 
@@ -212,8 +213,10 @@ def _run_ours(ib: ibs.InfoBatch, keys: list[str], hashes: np.ndarray, losses: np
     cpu_s = time.process_time() - cpu
     batches = _ours_batches(ib, keys, hashes, losses, key_kind, plan.epoch)
     update_s = 0.0
-    for blob in batches:
-        loss, batch_keys, weights = pickle.loads(blob)  # untimed, as for the reference
+    for loss_np, keys_data, weights_np in batches:
+        # untimed, as for the reference: the batch as the DataLoader collates it
+        loss, weights = torch.from_numpy(loss_np), torch.from_numpy(weights_np)
+        batch_keys = pickle.loads(keys_data) if isinstance(keys_data, bytes) else torch.from_numpy(keys_data)
         cpu = time.process_time()
         start = time.perf_counter()
         ib.update(loss, batch_keys, weights)

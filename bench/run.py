@@ -208,15 +208,15 @@ def judge(results: dict[str, Any]) -> list[dict[str, Any]]:
     gap = None if None in (full_mean, ib_mean) else ib_mean - full_mean
     add("lossless: InfoBatch vs full data", "accuracy >= full mean - one std of full",
         gap, lambda v: v >= -full_std,
-        "" if full_std is None else f"measured = InfoBatch mean - full mean; std = {full_std:.4f}",
-        "accuracy")
+        "" if full_std is None else f"measured = InfoBatch mean - full mean; one std = "
+        f"{100 * full_std:.2f} points", "points")
     add("lossless: InfoBatch vs random pruning", "accuracy above random pruning (same budget)",
         None if None in (ib_mean, rnd_mean) else ib_mean - rnd_mean, lambda v: v > 0,
-        "measured = InfoBatch mean - random mean", "accuracy")
+        "measured = InfoBatch mean - random mean", "points")
     saved, theory = g("lossless", "samples_saved"), g("lossless", "theory_saved")
     add("samples saved vs theory", "within 2 points of theory",
         None if None in (saved, theory) else saved - theory, lambda v: abs(v) <= 0.02,
-        "" if theory is None else f"theory = {theory:.4f}", "fraction")
+        "" if theory is None else f"measured - theory; theory = {100 * theory:.2f}%", "points")
     add("samples saved", ">= 30%", saved, lambda v: v >= 0.30,
         "" if not lossless else f"{lossless.get('epochs')} epochs, {lossless.get('seeds')} seeds",
         "fraction")
