@@ -109,12 +109,18 @@ def pytest_approx(value: float) -> Any:
     return pytest.approx(value, rel=1e-12, abs=0)
 
 
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment for a child interpreter that imports ``tests.storage`` helpers."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(extra or {})
+    return env
+
+
 def run_python(script: str | Path, *args: str, env: dict[str, str] | None = None,
                timeout: float = 120, input: str | None = None) -> subprocess.CompletedProcess:
     """Run a Python script in a fresh interpreter (this one's), from the repository root."""
-    full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
-    full_env.update(env or {})
+    full_env = child_env(env)
     proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout, input=input)
     if proc.returncode != 0:

@@ -13,7 +13,7 @@ import pytest
 from infobatch_stream.storage import ScoreSnapshot, cache, fsio
 
 from .conftest import Backend
-from .helpers import REPO
+from .helpers import REPO, child_env
 
 CHILD = REPO / "tests" / "storage" / "_fetch_child.py"
 s3_only = pytest.mark.parametrize("backend", ["s3"], indirect=True)
@@ -34,7 +34,7 @@ def test_two_processes_fetching_one_snapshot_into_one_cache(backend: Backend, tm
     shared_cache = backend.new_cache_dir()  # not the committer's: both must fetch
     sync = tmp_path / "sync"
     sync.mkdir()
-    env = dict(os.environ, PYTHONPATH=str(REPO), **backend.env)
+    env = child_env(backend.env)
     procs, outs = [], {}
     for role in ("first", "second"):
         outs[role] = tmp_path / f"{role}.json"

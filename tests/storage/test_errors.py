@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from infobatch_stream.storage import CorruptStoreError, NotAStoreError, ScoreStore, layout
@@ -50,7 +49,8 @@ def assert_corrupt(call, backend: Backend, relpath: str, last_good: int | None, 
     err = info.value
     assert err.path == backend.path(relpath)
     assert err.last_good_epoch == last_good
-    assert relpath in str(err) and f"Last good epoch: {last_good if last_good is not None else 'none'}" in str(err)
+    shown = "none" if last_good is None else str(last_good)
+    assert relpath in str(err) and f"Last good epoch: {shown}" in str(err)
     assert problem in err.problem
     return err
 

@@ -89,10 +89,12 @@ def test_a_million_keys_reopened_in_a_fresh_process(backend: Backend, tmp_path) 
     refs = _two_epochs(backend.open())
 
     out = tmp_path / "child.npz"
+    hashes = tmp_path / "hashes.npy"
+    np.save(hashes, refs[1].hashes)
     args = write_json(tmp_path / "args.json", {  # a fresh cache: S3 snapshots are downloaded
         "url": backend.url, "storage_options": backend.storage_options,
-        "cache_dir": backend.new_cache_dir(),
-        "key_prefix": "sample-", "n_keys": N_KEYS, "n_unknown": N_UNKNOWN, "out": str(out)})
+        "cache_dir": backend.new_cache_dir(), "key_prefix": "sample-", "n_keys": N_KEYS,
+        "hashes": str(hashes), "n_unknown": N_UNKNOWN, "out": str(out)})
     run_python(CHILD, args, env=backend.env)
     got = np.load(out)
 

@@ -183,7 +183,8 @@ def test_stable_sort_is_argsort_stable(shape: str) -> None:
     n = 1000 if shape == "small" else 150_000
     hashes = {
         "uniform": lambda: rng.integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True),
-        "duplicates": lambda: rng.integers(0, 2**64 - 1, n // 50, dtype=np.uint64)[rng.integers(0, n // 50, n)],
+        "duplicates": lambda: rng.integers(0, 2**64 - 1, n // 50, dtype=np.uint64)[
+            rng.integers(0, n // 50, n)],
         "narrow": lambda: np.uint64(2**40) + rng.integers(0, 3 * n, n, dtype=np.uint64),
         "constant": lambda: np.full(n, 12345, np.uint64),
         "extremes": lambda: rng.choice(np.array([0, 1, 2**64 - 2, 2**64 - 1], np.uint64), n),
