@@ -444,8 +444,9 @@ def lossless_section(ll: dict[str, Any], plot: str | None) -> str:
              f"`theory_saved` = **{100 * ll['theory_saved']:.2f}%** (random pruning: measured "
              f"{100 * ll['random_samples_saved']:.2f}%, its plans {100 * ll['random_theory_saved']:.2f}%). "
              f"Wall time saved by InfoBatch against full data: {100 * ll['wall_saved']:.1f}% "
-             f"(every sample is still read from the tar shards; pruned ones skip decode, "
-             f"forward and backward; the per-epoch commit and evaluation are not pruned).\n")
+             f"(medians of {ll['seeds']} runs per arm on a shared machine, so only roughly: every "
+             f"sample is still read from the tar shards; pruned ones skip decode, forward and "
+             f"backward; the per-epoch commit and evaluation are not pruned).\n")
     if plot:
         text += f"\n![lossless]({plot})\n"
     return text
@@ -522,6 +523,15 @@ def findings(results: dict[str, Any]) -> str:
           f"{100 * stage['pruned_fraction']:.1f}% of the samples pruned) is `bench/stage.py`'s own "
           f"check, not a goal of this page; its owner has the details.\n")
     store = results.get("store", {})
+    if goals.get("commit peak memory", {}).get("pass") is False:
+        keys = store.get("keys") or 0
+        w(f"**Commit peak memory** ({fmt(store.get('commit_peak_bytes_per_key'), 'B/key')} of peak "
+          f"RSS growth, {fmt(store.get('commit_peak_anon_bytes_per_key'), 'B/key')} of it anonymous, "
+          f"at {keys:,} keys). "
+          + ("The goal is set for 10M keys, which the full run measures; at this size whatever "
+             "the commit costs regardless of size is divided by few keys. "
+             if keys < 10_000_000 else "")
+          + "`bench/store.py` has the breakdown.\n")
     if goals.get("record (key strings)", {}).get("pass") is False:
         w(f"**Record with key strings** ({fmt(store.get('record_keys_per_s'), 'keys/s')}) is bound "
           f"by hashing: one xxh3 call per Python string. Passing the stage's `__key_hash__` tensor "

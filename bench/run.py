@@ -192,11 +192,14 @@ def judge(results: dict[str, Any]) -> list[dict[str, Any]]:
         lambda v: v >= 2e6, at, "keys/s")
     add("record (uint64 hashes)", ">= 2M keys/s", g("store", "record_u64_keys_per_s"),
         lambda v: v >= 2e6, at, "keys/s")
-    scaled = "" if keys in (None, 10_000_000) else " (extrapolated linearly from " + at[3:] + ")"
+    small = keys is not None and keys < 10_000_000
+    scaled = (f"commit_s x {10_000_000 / keys:g}: measured at {keys:,} keys, extrapolated "
+              f"linearly" if small else at)
     add("commit time", "<= 5 s per 10M keys", g("store", "commit_s_per_10M_keys"),
-        lambda v: v <= 5.0, at + scaled, "s")
+        lambda v: v <= 5.0, scaled, "s")
     add("commit peak memory", "<= 32 B/key (peak RSS growth)", g("store", "commit_peak_bytes_per_key"),
-        lambda v: v <= 32.0, at, "B/key")
+        lambda v: v <= 32.0, at + ("; the goal is for 10M keys, where fixed costs weigh less "
+                                   "per key" if small else ""), "B/key")
     add("bookkeeping vs official", "ours/reference <= 0.25 (key strings)",
         g("bookkeeping", "ratio"), lambda v: v <= 0.25,
         f"N = {results.get('bookkeeping', {}).get('n', '?'):,}" if g("bookkeeping", "n") else "",
