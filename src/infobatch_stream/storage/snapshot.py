@@ -1,10 +1,10 @@
 """ScoreSnapshot: every known score after one committed epoch, memory-mapped, with lookups.
 
 A snapshot file is sorted by key hash. Key hashes are uniform, so a small prefix table
-(the start row of every ``k``-bit hash prefix, ~8 rows per entry) narrows a lookup to a
+(the start row of every ``k``-bit hash prefix, ~16 rows per entry) narrows a lookup to a
 handful of rows; a vectorized bisection over those few rows then finds the key. That costs
 two or three cache misses per key instead of the ~20 of a binary search over the whole
-file, and the table (4 bytes per 8 keys) is the only private memory a reader adds: the
+file, and the table (4 bytes per 16 keys) is the only private memory a reader adds: the
 file's pages are shared by every process of the machine through the page cache.
 """
 
@@ -19,7 +19,8 @@ import pyarrow as pa
 from .keys import hash_keys
 from .tables import SNAPSHOT_SCHEMA, TableFile, open_table_file
 
-_ROWS_PER_PREFIX = 8
+_ROWS_PER_PREFIX = 16
+_TABLE_SLICE = 1 << 13  # temporaries of 64 KB: below malloc's mmap threshold, never kept
 _SMALL_QUERY = 16  # below this many keys a plain binary search has less overhead
 
 
@@ -80,16 +81,18 @@ class ScoreSnapshot:
         bits = 0 if rows < 2 * _ROWS_PER_PREFIX else min(26, int(math.log2(rows / _ROWS_PER_PREFIX)))
         self._shift = np.uint64(64 - bits)
         index_type = np.int32 if rows < 2**31 else np.int64
-        if bits == 0:
-            table = np.array([0, rows], index_type)
-        else:
-            prefixes = np.arange(1 << bits, dtype=np.uint64) << self._shift
-            table = np.empty((1 << bits) + 1, index_type)
-            table[:-1] = np.searchsorted(self.hashes, prefixes)
-            table[-1] = rows
+        table = np.empty((1 << bits) + 1, index_type)
+        table[-1] = rows
+        # In slices, so that building it needs no temporaries the size of the table: in a
+        # DataLoader worker the table is the only private memory a snapshot costs.
+        widest = 0
+        for lo in range(0, 1 << bits, _TABLE_SLICE):
+            hi = min(lo + _TABLE_SLICE, 1 << bits)
+            prefixes = np.arange(lo, hi, dtype=np.uint64) << self._shift if bits else np.zeros(1, np.uint64)
+            table[lo:hi] = np.searchsorted(self.hashes, prefixes)
+            widest = max(widest, int(np.max(np.diff(table[lo:hi + 1]))))
         self._table = table
         self._bits = bits
-        widest = int(np.max(np.diff(table))) if rows else 0
         self._steps = widest.bit_length()
 
     def positions(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

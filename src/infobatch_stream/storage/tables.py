@@ -9,6 +9,7 @@ checksum of its column data: a damaged file is refused, never read as wrong scor
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ SNAPSHOT_SCHEMA = pa.schema(
 )
 DELTA_SCHEMA = pa.schema([("hash", pa.uint64()), ("score", pa.float32())])
 
-_READ_CHUNK = 8 << 20
+_MAP_WINDOW = 4 << 20  # what a checksum pass maps at a time
 
 
 def columns_digest(columns: list[np.ndarray]) -> str:
@@ -32,12 +33,6 @@ def columns_digest(columns: list[np.ndarray]) -> str:
     for column in columns:
         digest.update(memoryview(np.ascontiguousarray(column)).cast("B"))
     return digest.hexdigest()
-
-
-def file_digest(path: str) -> str:
-    """xxh3_64 of a whole local file, read through a memory map (no copy)."""
-    with pa.memory_map(path, "r") as source:
-        return xxhash.xxh3_64(memoryview(source.read_buffer())).hexdigest()
 
 
 def write_table_file(sink: Any, schema: pa.Schema, columns: list[np.ndarray],
@@ -90,19 +85,29 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
 
 
 def _file_columns_digest(path: str, spans: list[tuple[int, int]]) -> str:
-    """``columns_digest`` of columns stored at (offset, nbytes) in ``path``, read in chunks."""
+    """``columns_digest`` of columns stored at (offset, nbytes) in ``path``.
+
+    Read through short-lived windows of a memory map: the pages are shared page cache while
+    a window is mapped and leave the process when it is unmapped, so neither a commit (which
+    checks every input) nor a DataLoader worker (which checks the snapshot it opens) keeps a
+    copy of the file or a large read buffer in its private memory.
+    """
     digest = xxhash.xxh3_64()
-    chunk = memoryview(bytearray(_READ_CHUNK))
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    grain = mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
         for offset, nbytes in spans:
+            if offset + nbytes > size:
+                raise ValueError("is shorter than its own metadata says (truncated)")
             while nbytes:
-                part = chunk[:min(nbytes, _READ_CHUNK)]
-                _pread_into(fd, part, offset)
-                digest.update(part)
-                offset, nbytes = offset + len(part), nbytes - len(part)
-    finally:
-        os.close(fd)
+                start = offset - offset % grain
+                length = min(nbytes + offset - start, _MAP_WINDOW)
+                with mmap.mmap(handle.fileno(), length, offset=start,
+                               access=mmap.ACCESS_READ) as window:
+                    with memoryview(window)[offset - start:] as part:
+                        digest.update(part)
+                        done = len(part)
+                offset, nbytes = offset + done, nbytes - done
     return digest.hexdigest()
 
 
@@ -138,8 +143,8 @@ def open_table_file(path: str, schema: pa.Schema, kind: str) -> TableFile:
     source.seek(0)
     base = source.read_buffer(1).address if batch.num_rows else 0  # zero-copy: the mapping
     offsets = {name: col.ctypes.data - base for name, col in columns.items() if len(col)}
-    # Checked by reading the file, not through the mapping: a commit checks every input and
-    # must not keep them all resident; the pages stay in the page cache either way.
+    # Checked through windows of their own, not through the table's mapping, which would keep
+    # every page of every input of a commit resident in the committing process.
     digest = _file_columns_digest(path, [(offsets[name], col.nbytes)
                                          for name, col in columns.items() if len(col)])
     if digest != meta.get("digest"):
