@@ -101,36 +101,47 @@ def merge_snapshot(previous: ScoreSnapshot, deltas: list[TableFile], epoch: int,
                         for read, d in zip(delta_rows, deltas)]
         for r in tqdm(range(ranges), desc=f"commit epoch {epoch}", unit="range", leave=False,
                       disable=None if upper > 5_000_000 else True):
-            lo, hi = old_starts[r], old_starts[r + 1]
-            old_hash = old_rows("hash", lo, hi)
+            lo, hi = int(old_starts[r]), int(old_starts[r + 1])
             parts = [(read("hash", s[r], s[r + 1]), read("score", s[r], s[r + 1]))
-                     for read, s in zip(delta_rows, delta_starts)]
-            new_hash = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.uint64)
-            new_score = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.float32)
-            new_hash, new_score, dups = last_write_wins(new_hash, new_score)
-            duplicates += dups
+                     for read, s in zip(delta_rows, delta_starts) if s[r + 1] > s[r]]
+            if len(parts) == 1:  # one delta file: already sorted, one row per key
+                new_hash, new_score = parts[0]
+            else:
+                new_hash = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.uint64)
+                new_score = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.float32)
+                new_hash, new_score, dups = last_write_wins(new_hash, new_score)
+                duplicates += dups
             updated += len(new_hash)
 
+            # The old rows are read straight into the output; when the epoch brings no new
+            # key in this range (every epoch after the first, usually) they stay there and
+            # the updates are scattered over them.
+            end = rows + (hi - lo)
+            out_hash[rows:end] = old_rows("hash", lo, hi)
+            old_hash = out_hash[rows:end]
             pos = np.searchsorted(old_hash, new_hash)
             present = pos < len(old_hash)
             present[present] = old_hash[pos[present]] == new_hash[present]
-            score = np.array(old_rows("score", lo, hi))  # a private, writable copy
-            last_epoch = np.array(old_rows("epoch", lo, hi))
-            score[pos[present]] = new_score[present]
-            last_epoch[pos[present]] = epoch
-            absent = ~present
-            insert_at = pos[absent]
-            new_keys += len(insert_at)
-            merged_hash = np.insert(old_hash, insert_at, new_hash[absent])
-            merged_score = np.insert(score, insert_at, new_score[absent])
-            merged_epoch = np.insert(last_epoch, insert_at, np.uint32(epoch))
-
-            n = len(merged_hash)
-            out_hash[rows:rows + n] = merged_hash
-            out_score[rows:rows + n] = merged_score
-            out_epoch[rows:rows + n] = merged_epoch
-            score_sum += float(merged_score.sum(dtype=np.float64))
-            rows += n
+            if present.all():
+                out_score[rows:end] = old_rows("score", lo, hi)
+                out_epoch[rows:end] = old_rows("epoch", lo, hi)
+                out_score[rows + pos] = new_score
+                out_epoch[rows + pos] = epoch
+            else:
+                score = np.array(old_rows("score", lo, hi))  # a private, writable copy
+                last_epoch = np.array(old_rows("epoch", lo, hi))
+                score[pos[present]] = new_score[present]
+                last_epoch[pos[present]] = epoch
+                absent = ~present
+                insert_at = pos[absent]
+                new_keys += len(insert_at)
+                merged_hash = np.insert(old_hash, insert_at, new_hash[absent])
+                end = rows + len(merged_hash)
+                out_hash[rows:end] = merged_hash
+                out_score[rows:end] = np.insert(score, insert_at, new_score[absent])
+                out_epoch[rows:end] = np.insert(last_epoch, insert_at, np.uint32(epoch))
+            score_sum += float(out_score[rows:end].sum(dtype=np.float64))
+            rows = end
 
     mean = score_sum / rows if rows else None
     meta = {"kind": "snapshot", "epoch": epoch, "mean": mean, "score_sum": score_sum}
