@@ -17,7 +17,7 @@ def test_failure_on_one_rank_is_raised_on_all(tmp_path, where, failing_rank, mes
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          SCRIPT, where, str(tmp_path / "store")],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True, text=True, timeout=300)
     out = result.stdout
     assert result.returncode != 0
     for rank in (0, 1):
