@@ -169,7 +169,8 @@ def test_plan_steps_budget_keeps_every_epoch_within_the_total(tmp_path):
     ib = ibs.InfoBatch(tmp_path / "store", num_epochs=5)
     plan = ib.plan_steps(dataset_size=1000, batch_size=10)
     assert plan.epochs[0].exact and plan.epochs[-1].exact and not plan.epochs[1].exact
-    assert [e.steps for e in plan.epochs] == [100, 75, 75, 75, 100]
+    # Epoch 0 is exact (nothing known); 1-3 assume P(score < mean) = 0.75; 4 anneals, exact.
+    assert [e.steps for e in plan.epochs] == [100, 62, 62, 62, 100]
     rng = np.random.default_rng(2)
     keys = keys_of(1000)
     taken = []
@@ -215,3 +216,67 @@ def test_plain_use_without_run_ids_keeps_working(tmp_path):
         ib = ibs.InfoBatch(tmp_path / "store", num_epochs=4)
         ib.update(torch.ones(1), ["x"])
         assert ib.end_epoch().run_id is None
+
+
+def test_a_restart_finishes_the_clean_up_of_a_commit_killed_after_its_manifest(tmp_path,
+                                                                                monkeypatch):
+    """The epoch is committed, so a restarted job never commits it again; ``epochs()`` finishes
+    its clean-up before training on (here the killed commit was the run's last epoch)."""
+    from infobatch_stream.storage import ScoreStore
+
+    ib = ibs.InfoBatch(tmp_path / "store", num_epochs=2)
+    for epoch in ib.epochs():
+        ib.update(torch.ones(2), ["a", "b"])
+        if epoch == 1:
+            def killed(self, *args, **kwargs):  # dies right after writing the manifest
+                raise KeyboardInterrupt
+            monkeypatch.setattr(ScoreStore, "_retain", killed)
+            with pytest.raises(KeyboardInterrupt):
+                ib.end_epoch()
+            break
+    monkeypatch.undo()
+    store = ibs.ScoreStore(tmp_path / "store")
+    assert store.latest_epoch == 1 and store.leftover_deltas() == {1: list(store.manifest(1).deltas)}
+    restarted = ibs.InfoBatch(tmp_path / "store", num_epochs=2)
+    assert list(restarted.epochs()) == []  # nothing left to train ...
+    assert store.leftover_deltas() == {}   # ... and nothing left behind
+
+
+@pytest.mark.parametrize("name, value", [
+    ("num_epochs", 0), ("num_epochs", 2.5), ("num_epochs", True), ("num_epochs", "3"),
+    ("flush_rows", 0), ("flush_rows", -1), ("flush_rows", 1.5), ("flush_rows", True),
+    ("run_id", ""), ("run_id", 7), ("window", 0), ("prune_ratio", 1.0), ("delta", float("nan")),
+    ("seed", -1), ("seed", 2**64),
+])
+def test_bad_settings_are_refused_naming_the_setting(tmp_path, name, value):
+    kwargs = {"num_epochs": 4, name: value}
+    with pytest.raises((ValueError, TypeError), match=name):
+        ibs.InfoBatch(tmp_path / "store", **kwargs)
+
+
+def test_a_low_first_estimate_is_spread_over_the_remaining_epochs(tmp_path):
+    """Uniform losses put only half the samples below the mean, so the later epochs need more
+    steps than the prior planned: each gives up a share, none is cut to pay for all."""
+    ib = ibs.InfoBatch(tmp_path / "store", num_epochs=8)
+    plan = ib.plan_steps(dataset_size=2000, batch_size=10)
+    rng = np.random.default_rng(3)
+    keys = keys_of(2000)
+    taken, exact = [], []
+    for epoch in ib.epochs():
+        exact.append(ib.plan(2000).samples // 10)
+        batches = list(ib.bound([keys[i:i + 10] for i in range(0, 2000, 10)]))
+        taken.append(len(batches))
+        run_epoch(ib, keys, rng.random(2000).astype(np.float32))
+    assert sum(taken) <= plan.total_steps
+    assert plan.total_steps - sum(taken) <= max(taken)
+    shares = [t / e for t, e in zip(taken, exact)]
+    assert min(shares) > 0.85, shares  # a front-loaded cut would take ~30% of epoch 1
+    assert shares[0] == 1.0  # epoch 0 was planned exactly
+
+
+def test_update_records_given_scores_but_returns_the_weighted_loss(ib):
+    loss = torch.tensor([1.0, 4.0])
+    out = ib.update(loss, ["a", "b"], [1.0, 1.0], scores=torch.tensor([0.5, 0.25]))
+    assert out.item() == pytest.approx(2.5)
+    ib.end_epoch()
+    assert ib.store.snapshot(0).lookup(["a", "b"]).tolist() == [0.5, 0.25]

@@ -197,12 +197,16 @@ class InfoBatch:
         snapshot, rule = self._rule(self._begin_epoch())
         return rule.weights(hashes, snapshot.lookup(hashes))
 
-    def update(self, loss: torch.Tensor, keys: Any, weights: Any = None) -> torch.Tensor:
-        """Record each sample's loss as its new score; return the weighted mean loss.
+    def update(self, loss: torch.Tensor, keys: Any, weights: Any = None,
+               scores: Any = None) -> torch.Tensor:
+        """Record each sample's score (by default its loss); return the weighted mean loss.
 
         ``loss``: per-sample losses, shape ``(batch,)`` (``reduction="none"``), any dtype and
         device. ``keys``: the batch's ``__key__`` strings or ``__key_hash__`` tensor.
         ``weights``: the batch's ``__weight__``; None recomputes them from the keys.
+        ``scores``: what to record instead of the loss, one per sample, when the loss's scale
+        depends on something drawn anew each time (a diffusion timestep): e.g. the loss
+        divided by the mean loss at its timestep. The returned loss is unchanged.
         """
         epoch = self._begin_epoch()
         if not isinstance(loss, torch.Tensor) or loss.dim() != 1:
@@ -212,7 +216,8 @@ class InfoBatch:
         hashes = self._key_hashes(keys)
         if len(hashes) != loss.shape[0]:
             raise ValueError(f"update() got {loss.shape[0]} losses but {len(hashes)} keys")
-        self._writer.record(hashes, loss.detach().float().cpu().numpy())  # one device-to-host copy
+        recorded = loss if scores is None else torch.as_tensor(scores)
+        self._writer.record(hashes, recorded.detach().float().cpu().numpy())  # one device-to-host copy
         if weights is None:
             snapshot, rule = self._rule(epoch)
             weights = rule.weights(hashes, snapshot.lookup(hashes))
@@ -272,19 +277,24 @@ class InfoBatch:
         return self._step_plan
 
     def _step_limit(self, epoch: int) -> int | None:
-        """Steps this epoch may take: its exact count, within what the budget leaves.
+        """Steps this epoch may take: its exact count, scaled into what the budget leaves.
 
-        Later epochs are re-estimated from the newest snapshot, so the budget left for this
-        epoch is the run's total minus the steps taken and the steps the later epochs need.
+        Later epochs are re-estimated from the newest snapshot. When this epoch and the
+        later ones need more steps than the budget has left, every one of them gives up the
+        same share (the last epochs only ever take what is left), so no single epoch is cut
+        short to pay for an early estimate that was too low.
         """
         plan = self._step_plan
         if plan is None or not plan.epochs[0].epoch <= epoch < self.num_epochs:
             return None
         now = plan_steps(self.policy, epoch, self.num_epochs, self._rule(epoch)[0],
                          plan.dataset_size, plan.batch_size, plan.world_size, plan.drop_last)
-        spent = self._steps_at_epoch_start - self._plan_origin
-        later = sum(e.steps for e in now.epochs[1:])
-        return max(0, min(now.epochs[0].steps, plan.total_steps - spent - later))
+        left = plan.total_steps - (self._steps_at_epoch_start - self._plan_origin)
+        needed = sum(e.steps for e in now.epochs)
+        exact = now.epochs[0].steps
+        if needed <= left:
+            return exact
+        return max(0, min(exact, left, exact * left // max(needed, 1)))
 
     # -- checkpoints -----------------------------------------------------------------------
 
