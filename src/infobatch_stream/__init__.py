@@ -14,7 +14,8 @@ from .stages import EpochRule, InfoBatchPolicy, RandomPolicy, annealing_start, u
 from .stages.keyfn import sample_key, shard_key
 from .stages.prune import lookup_scores, soft_prune
 from .storage import (
-    CorruptStoreError, NotAStoreError, OwnershipError, ScoreSnapshot, ScoreStore, StoreError, hash_key, hash_keys,
+    CorruptStoreError, NotAStoreError, OwnershipError, RetryPolicy, ScoreSnapshot, ScoreStore, StoreError,
+    StoreUnavailableError, hash_key, hash_keys,
 )
 
 __version__ = "0.1.0"
@@ -23,7 +24,8 @@ register_fsspec_schemes()
 
 __all__ = [
     "CorruptStoreError", "EpochPlan", "EpochRule", "InfoBatch", "InfoBatchPolicy",
-    "NotAStoreError", "OwnershipError", "RandomPolicy", "ScoreSnapshot", "ScoreStore", "StepPlan", "StoreError",
+    "NotAStoreError", "OwnershipError", "RandomPolicy", "RetryPolicy", "ScoreSnapshot", "ScoreStore", "StepPlan",
+    "StoreError", "StoreUnavailableError",
     "annealing_start", "hash_key", "hash_keys", "lookup_scores", "register_fsspec_schemes",
     "sample_key", "set_shard_storage_options", "shard_key", "soft_prune", "uniform_draws",
 ]

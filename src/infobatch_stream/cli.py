@@ -167,6 +167,8 @@ def _inspect(args: argparse.Namespace) -> int:
         "epochs": [{name: getattr(m, name) for name in EPOCH_FIELDS} for m in manifests],
         "snapshot": None, "next_epoch": None,
         "pending_deltas": {"epoch": next_epoch, "files": store.pending_deltas(next_epoch)},
+        # deltas of committed epochs: never merged (flushed late) or not yet cleaned up
+        "leftover_deltas": {str(e): files for e, files in store.leftover_deltas().items()},
     }
     if manifests or args.epoch is not None:
         # The epoch listed above, not a newer one a live run may have committed since.
@@ -178,6 +180,11 @@ def _inspect(args: argparse.Namespace) -> int:
             print(f"WARNING: epoch {m.epoch}: {m.duplicates:,} updates hit a key already updated "
                   f"in that epoch: keys collide across shards (use a shard-qualified key) or a "
                   f"crashed attempt's deltas were merged", file=sys.stderr)
+    for epoch, files in report["leftover_deltas"].items():
+        print(f"WARNING: epoch {epoch} is committed but {len(files)} of its delta file(s) are "
+              f"still in the store (flushed after its commit, by another run, or an interrupted "
+              f"clean-up); they are not in any snapshot, and the next commit removes them",
+              file=sys.stderr)
     print(json.dumps(report, indent=1, allow_nan=False) if args.json else _format(report))
     return 0
 
@@ -262,6 +269,9 @@ def _format(report: dict[str, Any]) -> str:
     pending = report["pending_deltas"]
     lines.append(f"pending for epoch {pending['epoch']}: {len(pending['files'])} delta file(s) "
                  f"not yet committed")
+    for epoch, files in report["leftover_deltas"].items():
+        lines.append(f"left over in committed epoch {epoch}: {len(files)} delta file(s), in no "
+                     f"snapshot (the next commit removes them)")
     return "\n".join(lines)
 
 

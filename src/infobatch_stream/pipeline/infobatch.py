@@ -27,6 +27,7 @@ from ..stages.policy import InfoBatchPolicy, PruningPolicy, RandomPolicy
 from ..stages.prune import DEFAULT_WINDOW, epoch_to_train, lookup_scores, soft_prune
 from ..storage import Manifest, ScoreSnapshot, ScoreStore, hash_keys
 from ..storage.store import check_owner
+from ..storage.writer import check_flush_rows
 from . import distributed
 from .planning import EpochPlan, StepPlan, plan_epoch, plan_steps
 
@@ -84,6 +85,11 @@ class InfoBatch:
             raise TypeError(f"policy must have a rule(epoch, snapshot) method, got {policy!r}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an int >= 1, got {window!r}")
+        if isinstance(num_epochs, bool) or not isinstance(num_epochs, (int, np.integer)) \
+                or num_epochs < 1:
+            raise ValueError(f"num_epochs must be an int >= 1, got {num_epochs!r}")
+        if run_id is not None and (not isinstance(run_id, str) or not run_id):
+            raise ValueError(f"run_id must be a non-empty str or None, got {run_id!r}")
         self.num_epochs = int(num_epochs)
         self.policy = policy
         self.key = resolve_key(key)
@@ -91,7 +97,7 @@ class InfoBatch:
         self._run_id_given = run_id is not None
         self.run_id = run_id if run_id is not None else launcher_run_id()
         self.takeover = bool(takeover)
-        self.flush_rows = int(flush_rows)
+        self.flush_rows = check_flush_rows(flush_rows)
         self._epoch: int | None = None        # the epoch in progress, None between epochs
         self._writer = None
         self._rule_cache: tuple | None = None  # (epoch, snapshot, rule) for update()'s weights
@@ -99,6 +105,7 @@ class InfoBatch:
         self._steps_at_epoch_start = 0
         self._step_plan: StepPlan | None = None
         self._plan_origin = 0                  # steps done when the step plan was made
+        self._tidied = False                   # whether epochs() finished the last commit
 
     def __repr__(self) -> str:
         return f"InfoBatch({self.store.url!r}, num_epochs={self.num_epochs}, policy={self.policy})"
@@ -134,7 +141,7 @@ class InfoBatch:
             check_owner(self.store.url, self.store.manifest(), self.run_id, self.takeover)
             self._epoch = self.epoch
             self._writer = self.store.writer(self._epoch, rank=distributed.rank(),
-                                             flush_rows=self.flush_rows)
+                                             flush_rows=self.flush_rows, run_id=self.run_id)
             self._steps_at_epoch_start = self._steps_done
         return self._epoch
 
@@ -144,6 +151,7 @@ class InfoBatch:
         Each epoch is committed when the loop body ends, unless ``end_epoch()`` was called in
         it. Leaving the loop early (``break``, an exception) commits nothing.
         """
+        self._finish_last_commit()
         while True:
             epoch = self._begin_epoch()
             if epoch >= self.num_epochs:
@@ -152,6 +160,24 @@ class InfoBatch:
             yield epoch
             if self._epoch == epoch:
                 self.end_epoch()
+
+    def _finish_last_commit(self) -> None:
+        """Once per run, rank 0 finishes the clean-up of the store's latest commit.
+
+        A commit killed after writing its manifest is complete, but its merged deltas and
+        the temporaries of the kill stay behind, and a restarted job never commits that
+        epoch again. Re-running the commit of the latest epoch is a no-op that finishes the
+        clean-up; it touches only files nobody reads (never the next epoch's deltas), so the
+        other ranks need not wait for it.
+        """
+        if self._tidied:
+            return
+        self._tidied = True
+        if distributed.rank() != 0:
+            return
+        latest = self.store.latest_epoch
+        if latest is not None:
+            self.store.commit(latest, run_id=self.run_id, takeover=self.takeover)
 
     def end_epoch(self) -> Manifest:
         """Collective: flush every rank's scores and commit the epoch; returns its manifest.

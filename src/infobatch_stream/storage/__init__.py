@@ -3,8 +3,10 @@
 Knows nothing of torch or webdataset; everything is numpy, Arrow IPC, JSON and fsspec.
 """
 
-from .errors import CorruptStoreError, NotAStoreError, OwnershipError, StoreError
+from .errors import (CorruptStoreError, NotAStoreError, OwnershipError, StoreError,
+                     StoreUnavailableError)
 from .keys import KEY_HASH_NAME, hash_key, hash_keys
+from .fsio import RetryPolicy
 from .layout import Manifest
 from .snapshot import ScoreSnapshot
 from .store import ScoreStore

@@ -48,15 +48,25 @@ def _locked(path: str) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def fetch(fs: AbstractFileSystem, remote: str, directory: str, expected_bytes: int) -> str:
-    """The local path of a cached copy of the immutable remote file ``remote``."""
+def fetch(fs: AbstractFileSystem, remote: str, directory: str, expected_bytes: int, *,
+          replace_inode: int | None = None) -> tuple[str, bool]:
+    """(local path of a cached copy of the immutable remote file ``remote``, whether this call
+    downloaded it).
+
+    ``replace_inode``: the cached copy with this inode was found damaged; it is downloaded
+    again unless another process already replaced it.
+    """
     os.makedirs(directory, exist_ok=True)
     final = os.path.join(directory, remote.rsplit("/", 1)[-1])
-    if os.path.exists(final):
-        return final
+    if replace_inode is None and os.path.exists(final):
+        return final, False
     with _locked(final + ".lock"):
-        if os.path.exists(final):  # another process finished it while we waited
-            return final
+        try:
+            found = os.stat(final).st_ino
+        except FileNotFoundError:
+            found = None
+        if found is not None and found != replace_inode:  # another process finished it meanwhile
+            return final, False
         tmp = fsio.local_tmp_name(final)
         try:
             callback = TqdmCallback(tqdm_kwargs={"desc": f"download {remote}", "unit": "B",
@@ -70,25 +80,79 @@ def fetch(fs: AbstractFileSystem, remote: str, directory: str, expected_bytes: i
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    return final
+    return final, True
 
 
-def evict(directory: str, keep: set[str]) -> None:
-    """Remove cached files of one store except those named in ``keep`` (base names).
+def snapshot_epoch(name: str) -> int | None:
+    """The epoch of a cached snapshot file's base name (None for other files)."""
+    from .layout import snapshot_epoch as relpath_epoch
 
-    Processes that still map a removed file keep reading it: unlinking does not unmap.
+    return relpath_epoch(f"snapshots/{name}")
+
+
+def _remove_unless_locked(lock: str, *paths: str) -> bool:
+    """Remove ``paths`` while holding ``lock`` (taken without waiting); False if it is held,
+    that is, a download of that file is in progress in some process of this machine."""
+    try:
+        with open(lock, "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            for path in paths:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        return True
+    except BlockingIOError:
+        return False
+
+
+def evict(directory: str, keep: set[str], before: float | None = None) -> None:
+    """Remove cached files of one store except those named in ``keep`` (base names), and the
+    temporaries that crashed downloads or commits left.
+
+    Processes that still map a removed file keep reading it: unlinking does not unmap. A
+    download's temporary file goes only when no process is downloading that file (its lock
+    is free); a commit's work directory only when last modified before ``before`` and no
+    live commit holds it (``fsio.sweep_temporaries``).
     """
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
         return
+    if before is not None:
+        fsio.sweep_temporaries(directory, before, files=False)
     for name in names:
+        path = os.path.join(directory, name)
+        if name.startswith(fsio.COMMIT_DIR_PREFIX):
+            continue  # swept above, with its own rule
+        if name.startswith(fsio.TMP_PREFIX):  # .tmp-<32 hex>-<base>: a download's
+            base = name[len(fsio.TMP_PREFIX) + 33:]
+            _remove_unless_locked(os.path.join(directory, base + ".lock"), path)
+            continue
         base = name[: -len(".lock")] if name.endswith(".lock") else name
         if base in keep:
             continue
-        if name.startswith(fsio.TMP_PREFIX):
-            continue  # may be a download in progress
+        if name.endswith(".lock"):  # never pull the lock from under a live download
+            _remove_unless_locked(path, path)
+            continue
         try:
-            os.unlink(os.path.join(directory, name))
+            os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+def evict_older(directory: str, epoch: int, keep_epochs: int) -> None:
+    """On a machine that only reads: after downloading the snapshot of ``epoch``, drop cached
+    snapshots more than ``keep_epochs`` epochs older (every machine's cache stays bounded,
+    not only the committing one's, which retention evicts)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    keep = set()
+    for name in names:
+        base = name[: -len(".lock")] if name.endswith(".lock") else name
+        file_epoch = snapshot_epoch(base)
+        if file_epoch is not None and file_epoch > epoch - keep_epochs:
+            keep.add(base)
+    evict(directory, keep)

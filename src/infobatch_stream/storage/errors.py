@@ -32,3 +32,26 @@ class CorruptStoreError(StoreError):
 
 class OwnershipError(StoreError):
     """The store's last commit was made by another training run (a different ``run_id``)."""
+
+
+class StoreUnavailableError(StoreError):
+    """The storage behind the store kept failing (unreachable, timing out) past the retry budget.
+
+    ``url`` is the store, ``path`` the file being read or written, ``attempts`` how many times
+    it was tried. Nothing half-written is ever visible, so the store is as it was before the
+    failed step: re-run the step once the storage answers.
+    """
+
+    def __init__(self, url: str, action: str, path: str, attempts: int, seconds: float,
+                 cause: BaseException):
+        self.url = url
+        self.path = path
+        self.attempts = attempts
+        reason = " ".join(f"{type(cause).__name__}: {cause}".split())
+        tries = "once" if attempts == 1 else f"{attempts} times over {seconds:.1f} s"
+        super().__init__(
+            f"{url}: could not {action} {path}, tried {tries} ({reason}). The storage is "
+            f"unreachable or failing; committed epochs are intact and nothing half-written is "
+            f"visible, so re-run this step once it answers (ScoreStore(..., retries=...) sets "
+            f"the retry budget)"
+        )

@@ -15,6 +15,7 @@ these patterns exactly, so a manifest can never point outside the store's root.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ MAX_EPOCH = 99_999_999  # eight digits in every name; far beyond any training ru
 
 _MANIFEST_RE = re.compile(r"^epoch-(\d{8})\.json$")
 _SNAPSHOT_RE = re.compile(r"^snapshots/epoch-(\d{8})-[0-9a-f]{32}\.arrow$")
+_DELTA_DIR_RE = re.compile(r"^epoch-(\d{8})$")
 _DELTA_RE = re.compile(r"^deltas/epoch-(\d{8})/\d{20}-r\d{5}-s\d{6}-[0-9a-f]{12}\.arrow$")
 
 
@@ -52,6 +54,12 @@ def snapshot_epoch(relpath: str) -> int | None:
 
 def delta_dir(epoch: int) -> str:
     return f"{DELTAS}/epoch-{epoch:08d}"
+
+
+def delta_dir_epoch(basename: str) -> int | None:
+    """The epoch of a directory in ``deltas/`` (``epoch-00000006``), or None for another name."""
+    match = _DELTA_DIR_RE.match(basename)
+    return int(match.group(1)) if match else None
 
 
 def delta_name(epoch: int, time_ns: int, rank: int, seq: int, unique: str) -> str:
@@ -111,10 +119,7 @@ class Manifest:
     @classmethod
     def from_json(cls, raw: bytes) -> "Manifest":
         """Parse and check a manifest; ValueError says what is wrong with it."""
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"not valid JSON ({exc})") from None
+        data = strict_json(raw)
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         if data.get("format") != FORMAT:
@@ -128,9 +133,12 @@ class Manifest:
         for name in ("score_sum",):
             if not isinstance(data.get(name), (int, float)) or isinstance(data.get(name), bool):
                 raise ValueError(f"field {name!r} must be a number")
+            if not math.isfinite(data[name]):  # a 1e999 literal parses as inf
+                raise ValueError(f"field {name!r} must be finite, got {data[name]!r}")
         mean = data.get("mean")
-        if mean is not None and (not isinstance(mean, (int, float)) or isinstance(mean, bool)):
-            raise ValueError("field 'mean' must be a number or null")
+        if mean is not None and (not isinstance(mean, (int, float)) or isinstance(mean, bool)
+                                 or not math.isfinite(mean)):
+            raise ValueError(f"field 'mean' must be a finite number or null, got {mean!r}")
         if (mean is None) != (data["keys"] == 0):
             raise ValueError("field 'mean' must be null exactly when 'keys' is 0")
         if snapshot_epoch(str(data.get("snapshot"))) != data["epoch"]:
@@ -154,6 +162,35 @@ class Manifest:
                    "score_sum": float(data["score_sum"])})
 
 
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number (the store writes only finite numbers)")
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        twice = sorted({k for k, _ in pairs if k in seen or seen.add(k)})
+        raise ValueError(f"field {twice[0]!r} appears twice")
+    return data
+
+
+def strict_json(raw: bytes) -> Any:
+    """Parse JSON as the store writes it; ValueError for anything else.
+
+    Python's ``json`` also accepts ``NaN``, ``Infinity`` and repeated fields (the last one
+    wins): a manifest holding them was not written by the store, and a NaN mean would be a
+    pruning threshold that drops nothing, so they are refused.
+    """
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant,
+                          object_pairs_hook=_refuse_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+
+
 def marker_json(created_at: str) -> bytes:
     from .keys import KEY_HASH_NAME
 
@@ -165,10 +202,7 @@ def check_marker(raw: bytes) -> None:
     """ValueError unless ``raw`` is a marker this version can read."""
     from .keys import KEY_HASH_NAME
 
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"not valid JSON ({exc})") from None
+    data = strict_json(raw)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"format is not {FORMAT!r}")
     if data.get("key_hash") != KEY_HASH_NAME:

@@ -13,8 +13,9 @@ import datetime
 import logging
 import os
 import tempfile
+import time
 import uuid
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from . import cache, fsio, layout
 from .errors import CorruptStoreError, NotAStoreError, OwnershipError, StoreError
@@ -24,6 +25,19 @@ from .snapshot import ScoreSnapshot
 from .writer import DeltaWriter
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+_RELIST = 5  # times a reader looks again when retention retires the epoch it was opening
+
+
+class _Retired(Exception):
+    """The epoch being opened was retired by retention (its manifest is gone)."""
+
+
+class _Outside(ValueError):
+    """A local file of the store is a symbolic link that leads outside the store's root."""
+
+    def __init__(self) -> None:
+        super().__init__("is a symbolic link that leads outside the store's root")
 
 
 def check_owner(url: str, manifest: Manifest | None, run_id: str | None, takeover: bool) -> None:
@@ -60,12 +74,17 @@ class ScoreStore:
     leave them out to use the usual AWS environment variables). Remote snapshots are
     downloaded once per machine into ``cache_dir`` (default ``$INFOBATCH_STREAM_CACHE`` or
     ``~/.cache/infobatch-stream``). ``keep_snapshots`` committed epochs are retained.
+    ``retries``: how long a storage step that fails for a transient reason (connection
+    refused, timeout) is tried again (a ``RetryPolicy``, or a number of attempts); past it,
+    ``StoreUnavailableError`` names the URL.
     """
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None,
-                 cache_dir: str | None = None, *, keep_snapshots: int = 3):
+                 cache_dir: str | None = None, *, keep_snapshots: int = 3,
+                 retries: "fsio.RetryPolicy | int | None" = None):
         if isinstance(keep_snapshots, bool) or not isinstance(keep_snapshots, int) or keep_snapshots < 1:
             raise ValueError(f"keep_snapshots must be an int >= 1, got {keep_snapshots!r}")
+        self.retries = fsio.RetryPolicy.of(retries)
         self.url = os.fspath(url) if isinstance(url, os.PathLike) else url
         self.storage_options = dict(storage_options or {})
         self._fs, self.root = fsio.open_fs(self.url, self.storage_options)
@@ -91,25 +110,39 @@ class ScoreStore:
     # Pickled into DataLoader workers: the filesystem object is rebuilt there, not shipped.
     def __getstate__(self) -> dict[str, Any]:
         return {"url": self.url, "storage_options": self.storage_options,
-                "cache_dir": self.cache_dir, "keep_snapshots": self.keep_snapshots}
+                "cache_dir": self.cache_dir, "keep_snapshots": self.keep_snapshots,
+                "retries": self.retries}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["url"], state["storage_options"], state["cache_dir"],
-                      keep_snapshots=state["keep_snapshots"])
+                      keep_snapshots=state["keep_snapshots"], retries=state.get("retries"))
 
     # -- paths and raw files ------------------------------------------------------------
 
     def _path(self, relpath: str) -> str:
         return fsio.join(self.root, relpath)
 
+    def _io(self, action: str, path: str, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """One storage step, retried on transient failures (see ``fsio.with_retries``)."""
+        return fsio.with_retries(self.retries, self.url, action, path, func, *args, **kwargs)
+
+    def _read_file(self, path: str) -> bytes:
+        """A whole file of the store, read fresh; never through a link out of the root."""
+        if self.local_root is not None and not fsio.inside_root(self.root, path):
+            raise _Outside()
+        return self._io("read", path, fsio.read_bytes, self.fs, path)
+
     def _read_marker(self) -> bytes | None:
+        path = self._path(layout.MARKER)
         try:
-            return fsio.read_bytes(self.fs, self._path(layout.MARKER))
+            return self._read_file(path)
         except (FileNotFoundError, NotADirectoryError):  # the latter: the URL is a local file
             return None
         except IsADirectoryError:
             raise NotAStoreError(
                 f"{self.url}: {layout.MARKER} is a directory; this is not a score store") from None
+        except _Outside as exc:
+            raise NotAStoreError(f"{path}: {exc}; this is not a score store") from None
 
     def _check_marker(self, creating: bool) -> None:
         """Refuse a URL that holds something other than a store; create the marker on first write."""
@@ -117,10 +150,10 @@ class ScoreStore:
             return
         raw = self._read_marker()
         if raw is None:
-            if self.fs.isfile(self.root):
+            if self._io("check", self.root, self.fs.isfile, self.root):
                 raise NotAStoreError(f"{self.url} is a file, not a score store; pass a directory or prefix")
             # The marker itself may appear meanwhile: another rank is creating the store.
-            found = [n for n in fsio.list_names(self.fs, self.root) if n != layout.MARKER]
+            found = [n for n in self._list(self.root) if n != layout.MARKER]
             if found:
                 shown = ", ".join(found[:5]) + (" ..." if len(found) > 5 else "")
                 raise NotAStoreError(
@@ -130,10 +163,10 @@ class ScoreStore:
             if not creating:
                 return  # an empty store; checked again once something is written
             try:
-                fsio.write_bytes(self.fs, self._path(layout.MARKER), layout.marker_json(_now()),
-                                 exclusive=True)
+                self._io("create", self._path(layout.MARKER), fsio.write_bytes, self.fs,
+                         self._path(layout.MARKER), layout.marker_json(_now()), exclusive=True)
             except FileExistsError:
-                pass  # another rank created it first
+                pass  # another rank created it first (or a retry found our own)
             raw = self._read_marker()
         try:
             layout.check_marker(raw or b"")
@@ -146,7 +179,13 @@ class ScoreStore:
 
     def _write_new(self, relpath: str, data: bytes) -> None:
         self._check_marker(creating=True)
-        fsio.write_bytes(self.fs, self._path(relpath), data)
+        self._io("write", self._path(relpath), fsio.write_bytes, self.fs, self._path(relpath), data)
+
+    def _list(self, directory: str) -> list[str]:
+        return self._io("list", directory, fsio.list_names, self.fs, directory)
+
+    def _remove(self, relpath: str) -> None:
+        self._io("delete", self._path(relpath), fsio.remove, self.fs, self._path(relpath))
 
     # -- reading --------------------------------------------------------------------------
 
@@ -159,7 +198,7 @@ class ScoreStore:
     def epochs(self) -> list[int]:
         """The committed epochs still retained in the store, oldest first."""
         self._check_marker(creating=False)
-        names = fsio.list_names(self.fs, self._path(layout.MANIFESTS))
+        names = self._list(self._path(layout.MANIFESTS))
         return sorted(e for e in map(layout.manifest_epoch, names) if e is not None)
 
     @property
@@ -171,17 +210,27 @@ class ScoreStore:
     def manifest(self, epoch: int | None = None) -> Manifest | None:
         """The manifest of ``epoch`` (default: the latest); None when nothing is committed."""
         if epoch is None:
-            epoch = self.latest_epoch
-            if epoch is None:
-                return None
-        path = self._path(layout.manifest_name(layout.check_epoch(epoch)))
+            for _ in range(_RELIST):
+                latest = self.latest_epoch
+                if latest is None:
+                    return None
+                try:
+                    return self._read_manifest(latest)
+                except FileNotFoundError:
+                    continue  # retired by a commit between the listing and the read: list again
+            raise StoreError(f"{self.url}: epochs were retired faster than the latest one could "
+                             f"be read ({_RELIST} tries)")
         try:
-            raw = fsio.read_bytes(self.fs, path)
+            return self._read_manifest(layout.check_epoch(epoch))
         except FileNotFoundError:
-            raise StoreError(f"{path}: epoch {epoch} is not committed in this store "
-                             f"(retained epochs: {self.epochs})") from None
+            raise StoreError(f"{self._path(layout.manifest_name(epoch))}: epoch {epoch} is not "
+                             f"committed in this store (retained epochs: {self.epochs})") from None
+
+    def _read_manifest(self, epoch: int) -> Manifest:
+        """The manifest of ``epoch``, checked; FileNotFoundError when there is none."""
+        path = self._path(layout.manifest_name(epoch))
         try:
-            manifest = Manifest.from_json(raw)
+            manifest = Manifest.from_json(self._read_file(path))
         except ValueError as exc:
             raise CorruptStoreError(path, f"manifest {exc}", self._last_good(epoch)) from None
         if manifest.epoch != epoch:
@@ -194,30 +243,57 @@ class ScoreStore:
 
         An empty store gives an empty snapshot (no keys, ``mean`` None).
         """
-        manifest = self.manifest(epoch)
-        if manifest is None:
-            return ScoreSnapshot.empty()
-        cached = self._snapshots.get(manifest.epoch)
-        if cached is not None and cached.digest == manifest.snapshot_xxh3:
-            return cached
-        snap = self._open_snapshot(manifest)
-        self._snapshots = {manifest.epoch: snap}  # hold one: older epochs are rarely asked again
+        for _ in range(_RELIST):
+            manifest = self.manifest(epoch)
+            if manifest is None:
+                return ScoreSnapshot.empty()
+            cached = self._snapshots.get(manifest.epoch)
+            if cached is not None and cached.digest == manifest.snapshot_xxh3:
+                return cached
+            try:
+                snap = self._open_snapshot(manifest)
+            except _Retired:
+                if epoch is None:
+                    continue  # a newer epoch was committed meanwhile: open that one
+                raise StoreError(f"{self.url}: epoch {epoch} was retired (keep_snapshots="
+                                 f"{self.keep_snapshots}) while it was being opened; retained "
+                                 f"epochs: {self.epochs}") from None
+            self._snapshots = {manifest.epoch: snap}  # hold one: older epochs are rarely asked again
+            return snap
+        raise StoreError(f"{self.url}: epochs were retired faster than the latest one could be "
+                         f"opened ({_RELIST} tries)")
+
+    def _verified(self, manifest: Manifest, path: str) -> ScoreSnapshot:
+        """Open the local snapshot file ``path``; ValueError unless it is what ``manifest`` names."""
+        if self.local_root is not None and not fsio.inside_root(self.root, path):
+            raise _Outside()
+        size = os.path.getsize(path)
+        if size != manifest.snapshot_bytes:
+            raise ValueError(f"is {size} bytes, its manifest says {manifest.snapshot_bytes}")
+        snap = ScoreSnapshot.open(path, manifest.epoch)
+        if snap.digest != manifest.snapshot_xxh3:
+            raise ValueError("is not the file its manifest names (checksum differs)")
+        if snap.mean != manifest.mean:  # the checksum covers the columns, not the metadata
+            raise ValueError(f"has mean {snap.mean}, its manifest says {manifest.mean}")
         return snap
 
     def _open_snapshot(self, manifest: Manifest, *, quiet: bool = False) -> ScoreSnapshot:
         remote = self._path(manifest.snapshot)
         try:
             path = self._local_snapshot(manifest)
-            size = os.path.getsize(path)
-            if size != manifest.snapshot_bytes:
-                raise ValueError(f"is {size} bytes, its manifest says {manifest.snapshot_bytes}")
-            snap = ScoreSnapshot.open(path, manifest.epoch)
-            if snap.digest != manifest.snapshot_xxh3:
-                raise ValueError("is not the file its manifest names (checksum differs)")
-            if snap.mean != manifest.mean:  # the checksum covers the columns, not the metadata
-                raise ValueError(f"has mean {snap.mean}, its manifest says {manifest.mean}")
-            return snap
+            try:
+                return self._verified(manifest, path)
+            except ValueError as exc:
+                if self.local_root is not None or isinstance(exc, _Outside):
+                    raise
+                # The cached copy may be what is damaged (a disk error, a stray write), not
+                # the remote file: download it once more; a second failure is the remote's.
+                log.warning("%s: the cached copy %s %s; downloading it again", remote, path, exc)
+                path = self._local_snapshot(manifest, replace_inode=os.stat(path).st_ino)
+                return self._verified(manifest, path)
         except FileNotFoundError:
+            if manifest.epoch not in self.epochs:
+                raise _Retired() from None
             problem = f"snapshot named by {layout.manifest_name(manifest.epoch)} is missing"
         except ValueError as exc:
             problem = f"snapshot {exc}"
@@ -225,31 +301,52 @@ class ScoreStore:
             raise ValueError(problem)
         raise CorruptStoreError(remote, problem, self._last_good(manifest.epoch))
 
-    def _local_snapshot(self, manifest: Manifest) -> str:
+    def _local_snapshot(self, manifest: Manifest, replace_inode: int | None = None) -> str:
         if self.local_root is not None:
             return self._path(manifest.snapshot)
         directory = cache.store_cache_dir(self.cache_dir, self.fs, self.root)
-        path = cache.fetch(self.fs, self._path(manifest.snapshot), directory,
-                           manifest.snapshot_bytes)
+        remote = self._path(manifest.snapshot)
+        path, downloaded = self._io("download", remote, cache.fetch, self.fs, remote, directory,
+                                    manifest.snapshot_bytes, replace_inode=replace_inode)
+        if downloaded:  # this machine's cache stays bounded, whether or not it commits
+            cache.evict_older(directory, manifest.epoch, self.keep_snapshots)
         return path
 
     def _last_good(self, before: int) -> int | None:
         """The newest epoch older than ``before`` whose manifest and snapshot verify."""
         for epoch in reversed([e for e in self.epochs if e < before]):
             try:
-                manifest = Manifest.from_json(
-                    fsio.read_bytes(self.fs, self._path(layout.manifest_name(epoch))))
+                manifest = Manifest.from_json(self._read_file(self._path(layout.manifest_name(epoch))))
                 self._open_snapshot(manifest, quiet=True)
                 return epoch
-            except (ValueError, OSError):
+            except (ValueError, OSError, _Retired):
                 continue
         return None
 
     def pending_deltas(self, epoch: int) -> list[str]:
         """Delta files of ``epoch`` in the store (paths relative to the root), in write order."""
         directory = layout.delta_dir(layout.check_epoch(epoch))
-        names = fsio.list_names(self.fs, self._path(directory))
+        names = self._list(self._path(directory))
         return [f"{directory}/{n}" for n in names if layout.is_delta_name(f"{directory}/{n}", epoch)]
+
+    def leftover_deltas(self) -> dict[int, list[str]]:
+        """Delta files of committed epochs still in the store, by epoch.
+
+        Merged deltas whose clean-up was interrupted, and deltas flushed after their epoch was
+        committed (or by another run), which no commit merges. Retention after the next
+        commit removes them, reporting the never-merged ones.
+        """
+        latest = self.latest_epoch
+        out: dict[int, list[str]] = {}
+        if latest is None:
+            return out
+        for name in self._list(self._path(layout.DELTAS)):
+            epoch = layout.delta_dir_epoch(name)
+            if epoch is not None and epoch <= latest:
+                found = self.pending_deltas(epoch)
+                if found:
+                    out[epoch] = found
+        return out
 
     # -- writing --------------------------------------------------------------------------
 
@@ -264,16 +361,20 @@ class ScoreStore:
         manifest and writes nothing; for the latest epoch it finishes the clean-up of an
         earlier commit of it that died after writing its manifest. ``run_id`` is recorded in
         the manifest; a run other than the one that made the latest commit is refused
-        (OwnershipError) unless ``takeover``.
+        (OwnershipError) unless ``takeover``. A commit with a ``run_id`` merges only the
+        deltas its own run wrote (and untagged ones): another run's are left out, reported,
+        and removed by retention.
         """
+        started = time.time()
         layout.check_epoch(epoch)
         self._check_marker(creating=True)
         latest = self.latest_epoch
         if latest is not None and epoch <= latest:
-            if epoch < latest:
-                return self.manifest(epoch) if epoch in self.epochs else self.manifest(latest)
             manifest = self.manifest(latest)
-            self._retain(manifest)  # a no-op unless the committing process died in _retain
+            check_owner(self.url, manifest, run_id, takeover)
+            if epoch < latest:
+                return self.manifest(epoch) if epoch in self.epochs else manifest
+            self._retain(manifest, started)  # a no-op unless a committing process died in _retain
             return manifest
         expected = 0 if latest is None else latest + 1
         if epoch != expected:
@@ -288,36 +389,72 @@ class ScoreStore:
         # Work next to where the snapshot ends up, so that moving it there is a rename.
         work_parent = self.local_root or cache.store_cache_dir(self.cache_dir, self.fs, self.root)
         os.makedirs(work_parent, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f"{fsio.TMP_PREFIX}commit-", dir=work_parent) as work:
-            deltas = [self._open_delta(name, epoch, work, latest) for name in delta_names]
-            relpath = layout.snapshot_name(epoch, uuid.uuid4().hex)
-            local_out = os.path.join(work, "snapshot.arrow")
-            result = merge_snapshot(previous, deltas, epoch, local_out)
-            del deltas
-            manifest = Manifest(
-                epoch=epoch, snapshot=relpath, snapshot_bytes=os.path.getsize(local_out),
-                snapshot_xxh3=result.digest, keys=result.rows,
-                mean=result.score_sum / result.rows if result.rows else None,
-                score_sum=result.score_sum, updated=result.updated, new_keys=result.new_keys,
-                duplicates=result.duplicates, rejected_nonfinite=result.rejected_nonfinite,
-                deltas=tuple(delta_names), run_id=run_id, created_at=_now(),
-            )
-            fsio.put_file(self.fs, local_out, self._path(relpath), exclusive=True)
-            if self.local_root is None:  # the committing machine need not download it again
-                os.replace(local_out, os.path.join(work_parent, relpath.rsplit("/", 1)[-1]))
+        relpath = layout.snapshot_name(epoch, uuid.uuid4().hex)
+        with tempfile.TemporaryDirectory(prefix=fsio.COMMIT_DIR_PREFIX, dir=work_parent,
+                                         ignore_cleanup_errors=True) as work:
+            live = fsio.hold_work_directory(work)  # retention elsewhere leaves a live commit alone
+            try:
+                manifest = self._merge(epoch, previous, delta_names, work, relpath, latest, run_id)
+            finally:
+                os.close(live)
         try:
-            fsio.write_bytes(self.fs, self._path(layout.manifest_name(epoch)), manifest.to_json(),
-                             exclusive=True)
+            self._io("create", self._path(layout.manifest_name(epoch)), fsio.write_bytes,
+                     self.fs, self._path(layout.manifest_name(epoch)), manifest.to_json(),
+                     exclusive=True)
         except FileExistsError:
-            # Another process committed this epoch first: its manifest stands, ours is an orphan.
-            fsio.remove(self.fs, self._path(relpath))
-            return self.manifest(epoch)
+            existing = self.manifest(epoch)
+            if existing.snapshot != relpath:
+                # Another process committed this epoch first: its manifest stands, ours is an orphan.
+                self._remove(relpath)
+                check_owner(self.url, existing, run_id, takeover)
+                return existing
+            manifest = existing  # ours: a retried create whose first reply was lost
         if manifest.duplicates:
             log.warning(
                 "epoch %d: %d updates hit a key already updated in this epoch: keys collide "
                 "(use a shard-qualified key) or a crashed attempt's deltas were merged",
                 epoch, manifest.duplicates)
-        self._retain(manifest)
+        self._retain(manifest, started)
+        return manifest
+
+    def _merge(self, epoch: int, previous: ScoreSnapshot, delta_names: list[str], work: str,
+               relpath: str, latest: int | None, run_id: str | None) -> Manifest:
+        """Write the snapshot of ``epoch`` to ``relpath``; return the manifest to commit."""
+        deltas, merged, foreign = [], [], []
+        for name in delta_names:
+            delta = self._open_delta(name, epoch, work, latest)
+            writer_run = delta.meta.get("run_id")
+            if run_id is not None and writer_run is not None and writer_run != run_id:
+                foreign.append(f"{name} (run {writer_run!r})")
+                continue
+            deltas.append(delta)
+            merged.append(name)
+        if foreign:
+            log.warning("%s: epoch %d: %d delta file(s) written by another run are not merged "
+                        "into run %r's commit: %s", self.url, epoch, len(foreign), run_id,
+                        ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else ""))
+        local_out = os.path.join(work, "snapshot.arrow")
+        result = merge_snapshot(previous, deltas, epoch, local_out)
+        del deltas
+        manifest = Manifest(
+            epoch=epoch, snapshot=relpath, snapshot_bytes=os.path.getsize(local_out),
+            snapshot_xxh3=result.digest, keys=result.rows,
+            mean=result.score_sum / result.rows if result.rows else None,
+            score_sum=result.score_sum, updated=result.updated, new_keys=result.new_keys,
+            duplicates=result.duplicates, rejected_nonfinite=result.rejected_nonfinite,
+            deltas=tuple(merged), run_id=run_id, created_at=_now(),
+        )
+        remote = self._path(relpath)
+        try:
+            self._io("upload", remote, fsio.put_file, self.fs, local_out, remote, exclusive=True)
+        except FileExistsError:
+            # The name is this commit's own (a fresh uuid): a retried upload whose first reply
+            # was lost. S3 makes a PUT visible whole, so the right size means it is complete.
+            if self._io("check", remote, self.fs.size, remote) != manifest.snapshot_bytes:
+                raise
+        if self.local_root is None:  # the committing machine need not download it again
+            directory = os.path.dirname(work)
+            os.replace(local_out, os.path.join(directory, relpath.rsplit("/", 1)[-1]))
         return manifest
 
     def _open_delta(self, name: str, epoch: int, work: str, latest: int | None):
@@ -326,37 +463,66 @@ class ScoreStore:
         try:
             if local is None:
                 local = os.path.join(work, name.rsplit("/", 1)[-1])
-                fsio.get_file(self.fs, path, local)
+                self._io("download", path, fsio.get_file, self.fs, path, local)
+            elif not fsio.inside_root(self.root, local):
+                raise _Outside()
             return open_delta(local, epoch)
         except ValueError as exc:
             raise CorruptStoreError(path, f"delta {exc}", latest) from None
 
-    def _retain(self, manifest: Manifest) -> None:
-        """After a commit: drop merged deltas, old epochs beyond ``keep_snapshots``, orphans."""
-        for name in manifest.deltas:
-            fsio.remove(self.fs, self._path(name))
-        if self.local_root is not None:
-            try:  # object stores have no directories; a local one would stay behind, empty
-                os.rmdir(self._path(layout.delta_dir(manifest.epoch)))
-            except OSError:
-                pass
+    def _retain(self, manifest: Manifest, started: float) -> None:
+        """After a commit: drop the deltas of committed epochs, old epochs beyond
+        ``keep_snapshots``, orphaned snapshots and the stale temporaries of killed steps."""
         epochs = self.epochs
-        keep = set(epochs[-self.keep_snapshots:])
-        for epoch in epochs:
-            if epoch not in keep:
-                # The manifest goes first: a manifest never names a missing snapshot.
-                fsio.remove(self.fs, self._path(layout.manifest_name(epoch)))
-        referenced = set()
+        keep = epochs[-self.keep_snapshots:]
+        retained = {}
         for epoch in keep:
             try:
-                referenced.add(self.manifest(epoch).snapshot)
+                retained[epoch] = self.manifest(epoch)
             except StoreError:
                 return  # leave clean-up to a later commit rather than guess
-        for name in fsio.list_names(self.fs, self._path(layout.SNAPSHOTS)):
+        self._remove_committed_deltas(manifest.epoch, retained, started)
+        for epoch in epochs:
+            if epoch not in retained:
+                # The manifest goes first: a manifest never names a missing snapshot.
+                self._remove(layout.manifest_name(epoch))
+        referenced = {m.snapshot for m in retained.values()}
+        for name in self._list(self._path(layout.SNAPSHOTS)):
             relpath = f"{layout.SNAPSHOTS}/{name}"
             file_epoch = layout.snapshot_epoch(relpath)
             if file_epoch is not None and file_epoch <= manifest.epoch and relpath not in referenced:
-                fsio.remove(self.fs, self._path(relpath))
-        if self.local_root is None:
+                self._remove(relpath)
+        if self.local_root is not None:
+            # Killed writes and commits leave temporaries only on a local disk (an object
+            # store makes a PUT visible whole); none of this job's own is live now.
+            for directory in ("", layout.SNAPSHOTS, layout.MANIFESTS):
+                fsio.sweep_temporaries(os.path.join(self.root, directory), started)
+        else:
             directory = cache.store_cache_dir(self.cache_dir, self.fs, self.root)
-            cache.evict(directory, {r.rsplit("/", 1)[-1] for r in referenced})
+            cache.evict(directory, {r.rsplit("/", 1)[-1] for r in referenced}, before=started)
+
+    def _remove_committed_deltas(self, committed: int, retained: dict[int, Manifest],
+                                 started: float) -> None:
+        """Remove every delta of an epoch up to ``committed``: merged ones, and, reported,
+        those that no commit merged (flushed after their epoch's commit, or by another run)."""
+        merged = {name for m in retained.values() for name in m.deltas}
+        for dirname in self._list(self._path(layout.DELTAS)):
+            epoch = layout.delta_dir_epoch(dirname)
+            if epoch is None or epoch > committed:
+                continue  # a later epoch's deltas: pending
+            names = self.pending_deltas(epoch)
+            unmerged = [n for n in names if n not in merged]
+            if unmerged and epoch in retained:
+                log.warning(
+                    "%s: %d delta file(s) of epoch %d were never merged (flushed after the epoch "
+                    "was committed, or by another run); removing them: %s", self.url,
+                    len(unmerged), epoch, ", ".join(unmerged[:5]) + (" ..." if len(unmerged) > 5 else ""))
+            for name in names:
+                self._remove(name)
+            if self.local_root is not None:
+                directory = os.path.join(self.root, layout.DELTAS, dirname)
+                fsio.sweep_temporaries(directory, started)  # flushes killed before their rename
+                try:  # object stores have no directories; a local one would stay behind, empty
+                    os.rmdir(directory)
+                except OSError:
+                    pass

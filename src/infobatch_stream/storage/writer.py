@@ -20,6 +20,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def check_flush_rows(flush_rows: Any) -> int:
+    if isinstance(flush_rows, bool) or not isinstance(flush_rows, (int, np.integer)) or flush_rows < 1:
+        raise ValueError(f"flush_rows must be an int >= 1, got {flush_rows!r}")
+    return int(flush_rows)
+
+
 def stable_sort(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(order, hashes[order]) with ``order = np.argsort(hashes, kind="stable")``, ~2.5x faster.
 
@@ -61,7 +67,8 @@ class DeltaWriter:
 
     NaN and infinite scores are dropped at ``record`` and counted (``rejected_nonfinite``),
     so they never reach the store or its mean. A buffer that reaches ``flush_rows`` rows is
-    flushed on its own, which bounds the trainer's memory.
+    flushed on its own, which bounds the trainer's memory. ``run_id`` tags each delta with
+    the training run that wrote it: a commit by another run does not merge it.
 
     >>> writer = store.writer(epoch=0, rank=0)
     >>> writer.record(["a", "b"], [0.7, 1.3])
@@ -70,11 +77,14 @@ class DeltaWriter:
     """
 
     def __init__(self, store: "ScoreStore", epoch: int, rank: int = 0, *,
-                 flush_rows: int = 1 << 22):
+                 flush_rows: int = 1 << 22, run_id: str | None = None):
         self.store = store
         self.epoch = layout.check_epoch(epoch)
         self.rank = layout.check_rank(rank)
-        self.flush_rows = int(flush_rows)
+        self.flush_rows = check_flush_rows(flush_rows)
+        if run_id is not None and not isinstance(run_id, str):
+            raise TypeError(f"run_id must be a str or None, got {type(run_id).__name__}")
+        self.run_id = run_id
         self.rejected_nonfinite = 0  # since the last flush
         self.rows_written = 0
         self.files_written: list[str] = []
@@ -118,10 +128,17 @@ class DeltaWriter:
         self._last_ns = now
         relpath = layout.delta_name(self.epoch, now, self.rank, self._seq, uuid.uuid4().hex[:12])
         sink = io.BytesIO()
-        write_table_file(sink, DELTA_SCHEMA, [hashes, scores], {
-            "kind": "delta", "epoch": self.epoch, "rank": self.rank, "duplicates": duplicates,
-            "rejected_nonfinite": self.rejected_nonfinite,
-        })
+        meta = {"kind": "delta", "epoch": self.epoch, "rank": self.rank,
+                "duplicates": duplicates, "rejected_nonfinite": self.rejected_nonfinite}
+        if self.run_id is not None:
+            meta["run_id"] = self.run_id
+        write_table_file(sink, DELTA_SCHEMA, [hashes, scores], meta)
+        latest = self.store.latest_epoch
+        if latest is not None and latest >= self.epoch:
+            log.warning(
+                "%s: epoch %d is already committed (latest: %d); this delta of rank %d (%d "
+                "rows) will never be merged, and the next commit's retention removes it",
+                self.store.url, self.epoch, latest, self.rank, len(hashes))
         self.store._write_new(relpath, sink.getvalue())
         self._seq += 1
         self.rows_written += len(hashes)
