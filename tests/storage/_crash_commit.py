@@ -1,14 +1,19 @@
-"""A commit that dies by SIGKILL at a chosen write step; run by test_crash.py.
+"""A store operation that dies by SIGKILL at a chosen write step; run by test_crash.py.
 
 It runs as a small fork server so that each attempt costs a fork, not an interpreter start:
 the test writes one JSON request per line to stdin; for each, this process forks a child that
 opens the store, counts every step that changes what is persisted (the store's write/delete
-primitives in ``fsio``, the OS renames/links/unlinks behind them, and the snapshot cache's
-renames) and SIGKILLs itself just before step ``kill_at``. A step past the last one is "end",
-after ``commit`` returned. The reply, one JSON line on stdout, says whether the child was
-killed and the steps it went through (the last one named is where it died).
+primitives in ``fsio``, the download into the snapshot cache, the OS renames/links/unlinks/
+rmdirs behind them, and the snapshot cache's renames and deletes) and SIGKILLs itself just
+before step ``kill_at``. A step past the last one is "end", after the operation returned.
+The reply, one JSON line on stdout, says whether the child was killed and the steps it went
+through (the last one named is where it died).
 
-Request: {"url", "storage_options", "cache_dir", "epoch", "keep_snapshots", "kill_at", "log"}.
+Request: {"op", "url", "storage_options", "cache_dir", "epoch", "keep_snapshots", "kill_at",
+"log"}, and for ``op`` "flush" also "rank" and "updates" (an .npz of hashes and scores).
+``op``: "commit" commits ``epoch`` (its retention deletes included); "flush" records the
+updates in a writer of ``epoch`` and flushes them as one delta; "fetch" opens the snapshot
+of ``epoch`` through the cache (a remote store's download).
 """
 
 from __future__ import annotations
@@ -46,10 +51,17 @@ def child(request: dict) -> None:
             return func(*args, **kwargs)
         return wrapper
 
-    for name in ("write_bytes", "put_file", "remove"):
+    for name in ("write_bytes", "put_file", "remove", "get_file"):
         setattr(fsio, name, counted(f"fsio.{name}", getattr(fsio, name)))
+    real_get_file = fsio.get_file
+
+    def get_file_then_step(fs, path, local, **kwargs):
+        real_get_file(fs, path, local, **kwargs)
+        step(f"downloaded {path}")  # complete, not yet renamed into place
+
+    fsio.get_file = get_file_then_step
     # The OS steps behind them, seen only by the modules that persist things.
-    for module, names in ((fsio, ("link", "replace", "unlink", "rename")),
+    for module, names in ((fsio, ("link", "replace", "unlink", "rename", "rmdir")),
                           (store_module, ("replace", "rmdir", "unlink")),
                           (cache, ("replace", "unlink"))):
         proxy = types.SimpleNamespace(**{k: getattr(os, k) for k in dir(os) if not k.startswith("__")})
@@ -61,7 +73,20 @@ def child(request: dict) -> None:
     store = storage.ScoreStore(request["url"], storage_options=request["storage_options"],
                                cache_dir=request["cache_dir"],
                                keep_snapshots=request["keep_snapshots"])
-    store.commit(request["epoch"])
+    op = request.get("op", "commit")
+    if op == "commit":
+        store.commit(request["epoch"])
+    elif op == "flush":
+        import numpy as np
+
+        updates = np.load(request["updates"])
+        writer = store.writer(request["epoch"], rank=request["rank"])
+        writer.record(updates["hashes"], updates["scores"])
+        writer.flush()
+    elif op == "fetch":
+        store.snapshot(request["epoch"])
+    else:
+        raise ValueError(f"unknown op {op!r}")
     step("end")
     assert_storage_only()
 
