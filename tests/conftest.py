@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Iterator
@@ -67,6 +69,59 @@ def s3_server() -> Iterator[S3Server]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+class RestartableS3Server(S3Server):
+    """An S3 test server of one test's own, which the test may stop and start again.
+
+    A restart is a new moto server on the same port. moto keeps its buckets in this process
+    (its backends), not in the server, so the data survives, as an S3 outage or a MinIO
+    restart would leave it; clients see refused connections while it is down.
+    """
+
+    def start(self) -> None:
+        from moto.moto_server.werkzeug_app import (DomainDispatcherApplication, MotoRequestHandler,
+                                                   create_backend_app)
+        from werkzeug.serving import make_server
+
+        app = DomainDispatcherApplication(create_backend_app)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.server = make_server("127.0.0.1", self.port, app, True,
+                                          request_handler=MotoRequestHandler)
+                break
+            except (OSError, SystemExit):  # werkzeug exits when the port is taken
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)  # a client's connection may hold the port for a moment
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()  # else the kernel would accept connections nobody answers
+
+    def down_for(self, seconds: float) -> threading.Thread:
+        """Stop now, start again after ``seconds`` (in a thread; join it to wait)."""
+        self.stop()
+        thread = threading.Timer(seconds, self.start)
+        thread.start()
+        return thread
+
+
+@pytest.fixture
+def restartable_s3(s3_server: S3Server) -> Iterator[RestartableS3Server]:
+    """A second S3 server (same data as ``s3_server``) that the test may stop and restart."""
+    port = free_port()
+    server = RestartableS3Server(f"http://127.0.0.1:{port}", port, None)
+    server.start()
+    try:
+        yield server
+    finally:
+        try:
+            server.stop()
+        except Exception:  # already stopped by the test
+            pass
 
 
 @pytest.fixture
