@@ -332,3 +332,17 @@ def test_s3_store(s3_server, s3_bucket, cache_dir, tmp_path, capsys):
     assert cli.main(["inspect", url, *unreachable, "--cache-dir", cache_dir]) == 2
     err = capsys.readouterr().err
     assert url in err and "connect" in err.lower() and err.count("\n") == 1
+
+
+def test_inspect_shows_deltas_left_in_committed_epochs(tmp_path, capsys):
+    store = ScoreStore(str(tmp_path / "scores"))
+    with store.writer(0) as writer:
+        writer.record(["a"], [1.0])
+    store.commit(0)
+    with store.writer(0, rank=3) as writer:  # flushed after the commit: never merged
+        writer.record(["b"], [2.0])
+    report, err = run_json(capsys, "inspect", store.url)
+    assert report["leftover_deltas"] == {"0": store.pending_deltas(0)}
+    assert "WARNING: epoch 0 is committed but 1 of its delta file(s)" in err
+    assert cli.main(["inspect", store.url]) == 0
+    assert "left over in committed epoch 0: 1 delta file(s)" in capsys.readouterr().out

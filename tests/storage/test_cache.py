@@ -109,3 +109,117 @@ def test_the_cache_directory(monkeypatch, tmp_path) -> None:
     one = cache.store_cache_dir("/c", fs, "bucket/a")
     assert one != cache.store_cache_dir("/c", fs, "bucket/b")  # one directory per store
     assert one == cache.store_cache_dir("/c", fs, "bucket/a")
+
+
+@s3_only
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_a_damaged_cached_copy_is_downloaded_again(backend: Backend, caplog, damage: str) -> None:
+    """Damage in the cache (a disk error, a stray write) is not damage of the store: the copy
+    is downloaded once more, and only a second failure is reported, naming the remote file."""
+    store = backend.open()
+    with store.writer(0) as writer:
+        writer.record(["a", "b"], [1.0, 2.0])
+    manifest = store.commit(0)
+    cache_dir = backend.new_cache_dir()
+    assert backend.open(cache_dir=cache_dir).snapshot().lookup(["a"]).tolist() == [1.0]
+    directory = cache.store_cache_dir(cache_dir, store.fs, store.root)
+    cached = os.path.join(directory, manifest.snapshot.rsplit("/", 1)[-1])
+    raw = bytearray(open(cached, "rb").read())
+    if damage == "flipped":
+        scores = backend.open(cache_dir=cache_dir).snapshot().scores.tobytes()
+        at = bytes(raw).find(scores)
+        assert at > 0
+        raw[at + 2] ^= 0x10
+    else:
+        raw = raw[:-64]
+    with open(cached, "wb") as out:
+        out.write(raw)
+    caplog.set_level("WARNING")
+    snap = backend.open(cache_dir=cache_dir).snapshot()
+    assert snap.lookup(["a", "b"]).tolist() == [1.0, 2.0]
+    assert "downloading it again" in caplog.text
+    assert os.path.getsize(cached) == manifest.snapshot_bytes
+
+
+@s3_only
+def test_a_damaged_remote_file_is_reported_after_one_more_download(backend: Backend) -> None:
+    from infobatch_stream.storage import CorruptStoreError
+
+    store = backend.open()
+    for epoch in (0, 1):
+        with store.writer(epoch) as writer:
+            writer.record(["a", "b"], [1.0, 2.0 + epoch])
+        manifest = store.commit(epoch)
+    raw = bytearray(backend.read(manifest.snapshot))
+    raw[-200] ^= 0xFF  # the footer: the copy no longer opens
+    backend.write(manifest.snapshot, bytes(raw))
+    downloads = []
+    real = fsio.get_file
+
+    def counting(*args, **kwargs):
+        downloads.append(args[1])
+        return real(*args, **kwargs)
+
+    fsio.get_file = counting
+    try:
+        with pytest.raises(CorruptStoreError) as info:
+            backend.open().snapshot(1)
+    finally:
+        fsio.get_file = real
+    assert info.value.path == backend.path(manifest.snapshot) and info.value.last_good_epoch == 0
+    assert downloads.count(backend.path(manifest.snapshot)) == 2  # once more, then reported
+
+
+@s3_only
+def test_a_reading_machines_cache_stays_bounded(backend: Backend) -> None:
+    """Retention evicts the committing machine's cache; a machine that only reads evicts its
+    own after each download, keeping ``keep_snapshots`` epochs (it used to keep them all)."""
+    store = backend.open(keep_snapshots=2)
+    reader_cache = backend.new_cache_dir()
+    reader = backend.open(cache_dir=reader_cache, keep_snapshots=2)
+    for epoch in range(6):
+        with store.writer(epoch) as writer:
+            writer.record(["a", "b"], [float(epoch), 1.0])
+        store.commit(epoch)
+        assert reader.snapshot().lookup(["a"]).tolist() == [float(epoch)]
+    directory = cache.store_cache_dir(reader_cache, reader.fs, reader.root)
+    snapshots = sorted(n for n in os.listdir(directory) if n.endswith(".arrow"))
+    assert [cache.snapshot_epoch(n) for n in snapshots] == [4, 5]
+
+
+@s3_only
+def test_stale_temporaries_in_the_cache_are_removed_live_ones_kept(backend: Backend) -> None:
+    """A crashed download's temporary goes once no process downloads that file; one whose
+    download is live (its lock held) stays. A dead commit's work directory goes too."""
+    import fcntl
+    import time
+
+    store = backend.open()
+    with store.writer(0) as writer:
+        writer.record(["a"], [1.0])
+    manifest = store.commit(0)
+    cache_dir = backend.new_cache_dir()
+    directory = cache.store_cache_dir(cache_dir, store.fs, store.root)
+    os.makedirs(directory)
+    dead = os.path.join(directory, f"{fsio.TMP_PREFIX}{'a' * 32}-epoch-00000000-{'1' * 32}.arrow")
+    live_name = f"epoch-00000000-{'2' * 32}.arrow"
+    live = os.path.join(directory, f"{fsio.TMP_PREFIX}{'b' * 32}-{live_name}")
+    work = os.path.join(directory, f"{fsio.COMMIT_DIR_PREFIX}dead")
+    for path in (dead, live):
+        open(path, "wb").close()
+    os.makedirs(work)
+    open(os.path.join(work, "snapshot.arrow"), "wb").close()
+    old = time.time() - 60
+    os.utime(work, (old, old))
+    with open(os.path.join(directory, live_name + ".lock"), "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # a download of live_name in progress
+        reader = backend.open(cache_dir=cache_dir)
+        assert reader.snapshot().lookup(["a"]).tolist() == [1.0]  # downloads: evicts
+        with store.writer(1) as writer:
+            writer.record(["a"], [2.0])
+        backend.open(cache_dir=cache_dir).commit(1)  # retention on this machine: sweeps
+        left = set(os.listdir(directory))
+    assert os.path.basename(live) in left
+    assert os.path.basename(dead) not in left and os.path.basename(work) not in left
+    assert live_name + ".lock" in left  # the live download's lock was not pulled away
+    del manifest

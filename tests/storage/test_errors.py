@@ -256,15 +256,105 @@ def test_a_manifest_of_another_epoch(backend: Backend) -> None:
     assert_corrupt(lambda: backend.open().snapshot(), backend, relpath, 0, "describes epoch 0")
 
 
-def test_a_manifest_with_a_nan_mean(backend: Backend) -> None:
+@cases("field, literal", {
+    "nan-mean": ("mean", b"NaN"),
+    "infinite-mean": ("mean", b"Infinity"),
+    "overflowing-mean": ("mean", b"1e999"),  # valid JSON syntax, parses as inf
+    "infinite-sum": ("score_sum", b"-Infinity"),
+}, s3=("nan-mean",))
+def test_a_manifest_with_a_non_finite_number(backend: Backend, field: str, literal: bytes) -> None:
+    """Python's json reads NaN and Infinity; the store never writes them and refuses them
+    (a NaN mean would be a threshold that prunes nothing)."""
     two_epochs(backend)
     relpath = layout.manifest_name(1)
     raw = backend.read(relpath)
     data = json.loads(raw)
-    backend.write(relpath, raw.replace(f'"mean": {data["mean"]!r}'.encode(), b'"mean": NaN'))
-    with pytest.raises(CorruptStoreError) as info:
-        backend.open().snapshot()
-    assert info.value.last_good_epoch == 0
+    old = f'"{field}": {data[field]!r}'.encode()
+    assert old in raw
+    backend.write(relpath, raw.replace(old, f'"{field}": '.encode() + literal))
+    problem = "not a JSON number" if literal.isalpha() or literal.startswith(b"-I") else "finite"
+    assert_corrupt(lambda: backend.open().snapshot(), backend, relpath, 0, problem)
+
+
+@cases("edit", {"truncated": "truncated", "repeated-field": "repeated"}, s3=("truncated",))
+def test_a_truncated_or_ambiguous_manifest(backend: Backend, edit: str) -> None:
+    two_epochs(backend)
+    relpath = layout.manifest_name(1)
+    raw = backend.read(relpath)
+    if edit == "truncated":
+        damaged = raw[: len(raw) * 2 // 3]
+    else:  # the last "epoch" would win in Python's json
+        damaged = raw.replace(b'"epoch": 1,', b'"epoch": 1, "epoch": 0,')
+        assert damaged != raw
+    backend.write(relpath, damaged)
+    assert_corrupt(lambda: backend.open().snapshot(), backend, relpath, 0,
+                   "not valid JSON" if edit == "truncated" else "appears twice")
+
+
+def test_a_snapshot_replaced_by_a_delta_file(backend: Backend) -> None:
+    """Right format, wrong schema (two columns, not three): refused, naming the file."""
+    store = two_epochs(backend)
+    writer = store.writer(2)
+    writer.record(A, [5.0, 6.0, 7.0])
+    delta = writer.flush()
+    relpath = store.manifest(1).snapshot
+    raw = backend.read(delta)
+    backend.write(relpath, raw)
+    assert_corrupt(lambda: backend.open().snapshot(1), backend, relpath, 0, "bytes")
+    _edit_manifest(backend, 1, snapshot_bytes=len(raw))  # past the size check too
+    assert_corrupt(lambda: backend.open().snapshot(1), backend, relpath, 0, "schema")
+
+
+# -- symbolic links in a local store ----------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["snapshot", "manifest", "marker", "delta"])
+def test_a_symlink_leading_outside_the_store_is_refused(local_backend: Backend, which: str) -> None:
+    """Decided: a local store never follows a link out of its root (its own directory may be
+    a link). A file replaced by a link to a valid store elsewhere is refused as damage,
+    never read: the outside store's scores (666) appear nowhere."""
+    import os
+
+    backend = local_backend
+    store = two_epochs(backend)
+    outside = backend.sibling("elsewhere").open()
+    for epoch in (0, 1, 2):
+        with outside.writer(epoch) as writer:
+            writer.record(A, [666.0] * 3)
+        if epoch < 2:
+            outside.commit(epoch)
+    target = {"snapshot": outside.manifest(1).snapshot, "manifest": layout.manifest_name(1),
+              "marker": layout.MARKER, "delta": outside.pending_deltas(2)[0]}[which]
+    if which == "delta":
+        with store.writer(2) as writer:
+            writer.record(["a"], [1.0])
+        relpath = store.pending_deltas(2)[0]
+    else:
+        relpath = {"snapshot": store.manifest(1).snapshot, "manifest": layout.manifest_name(1),
+                   "marker": layout.MARKER}[which]
+    os.unlink(backend.path(relpath))
+    os.symlink(os.path.join(outside.root, target), backend.path(relpath))
+    fresh = backend.open()
+    if which == "marker":
+        with pytest.raises(NotAStoreError, match="symbolic link"):
+            fresh.latest_epoch
+        return
+    call = (lambda: fresh.commit(2)) if which == "delta" else (lambda: fresh.snapshot(1))
+    err = assert_corrupt(call, backend, relpath, 0 if which != "delta" else 1, "symbolic link")
+    assert "666" not in str(err)
+
+
+def test_a_store_whose_root_is_a_symlink_works(tmp_path) -> None:
+    """The root itself may be a link (a store placed on another disk)."""
+    import os
+
+    real = tmp_path / "disk" / "scores"
+    real.mkdir(parents=True)
+    os.symlink(real, tmp_path / "scores")
+    store = ScoreStore(str(tmp_path / "scores"))
+    with store.writer(0) as writer:
+        writer.record(A, EPOCH0)
+    store.commit(0)
+    assert ScoreStore(str(tmp_path / "scores")).snapshot().lookup(A).tolist() == EPOCH0
 
 
 # -- damaged deltas at commit -----------------------------------------------------------------

@@ -192,6 +192,63 @@ def test_a_flush_after_commit_is_not_merged(backend: Backend) -> None:
     assert len(snap) == 2
 
 
+def test_a_late_flush_is_warned_reported_and_removed_by_the_next_commit(backend: Backend,
+                                                                         caplog) -> None:
+    """A flush into an epoch already committed never reaches a snapshot: it is warned about
+    when it is written, listed by ``leftover_deltas()``, and removed, reported, by the next
+    commit's retention (it used to stay in deltas/ forever, silently)."""
+    store = backend.open()
+    _commit_epoch(store, 0, ["a", "b"], [1.0, 2.0])
+    caplog.set_level("WARNING")
+    late = store.writer(0, rank=1)
+    late.record(["a", "c"], [50.0, 60.0])
+    relpath = late.flush()
+    assert "epoch 0 is already committed" in caplog.text and "never be merged" in caplog.text
+    assert store.leftover_deltas() == {0: [relpath]}
+    caplog.clear()
+    _commit_epoch(store, 1, ["b"], [5.0])
+    assert f"1 delta file(s) of epoch 0 were never merged" in caplog.text and relpath in caplog.text
+    assert store.leftover_deltas() == {}
+    assert not any(p.startswith(layout.DELTAS) for p in backend.visible())
+
+
+def test_merged_deltas_left_by_a_commit_killed_after_its_manifest(backend: Backend) -> None:
+    """Its clean-up never ran and the epoch is never committed again: the next commit's
+    retention removes the deltas every retained manifest names (quietly: they were merged)."""
+    store = backend.open()
+    manifest = _commit_epoch(store, 0, ["a"], [1.0])
+    # Put the merged delta back, as a commit killed before its retention would have left it.
+    for name in manifest.deltas:
+        backend.write(name, b"merged already")
+    assert store.leftover_deltas() == {0: list(manifest.deltas)}
+    _commit_epoch(store, 1, ["a"], [2.0])
+    assert store.leftover_deltas() == {}
+    assert not any(p.startswith(layout.DELTAS) for p in backend.visible())
+
+
+def test_a_commit_merges_only_its_own_runs_deltas(backend: Backend, caplog) -> None:
+    """Deltas carry the id of the run that wrote them: a commit by one run leaves another
+    run's deltas out (reported), so a store never mixes two jobs' scores."""
+    store = backend.open()
+    with store.writer(0, rank=0, run_id="job-a") as writer:
+        writer.record(["a"], [1.0])
+    with store.writer(0, rank=0, run_id="job-b") as writer:
+        writer.record(["b"], [2.0])
+    with store.writer(0, rank=1) as writer:  # plain use: no run id, merged by anyone
+        writer.record(["c"], [3.0])
+    caplog.set_level("WARNING")
+    manifest = store.commit(0, run_id="job-a")
+    assert "written by another run are not merged" in caplog.text and "'job-b'" in caplog.text
+    assert len(manifest.deltas) == 2 and manifest.keys == 2
+    snap = store.snapshot(0)
+    assert snap.lookup(["a", "c"]).tolist() == [1.0, 3.0] and np.isnan(snap.lookup(["b"])).all()
+    # without a run id (plain use), every delta is merged, as before
+    other = backend.sibling("plain").open()
+    with other.writer(0, run_id="job-b") as writer:
+        writer.record(["b"], [2.0])
+    assert other.commit(0).keys == 1
+
+
 def test_mean_is_float64_over_known_scores(backend: Backend) -> None:
     store = backend.open()
     rng = np.random.default_rng(3)
