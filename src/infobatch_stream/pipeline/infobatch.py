@@ -60,7 +60,8 @@ class InfoBatch:
             last commit was made by another run is refused. Defaults to torchrun's run id;
             ``load_state_dict`` restores the checkpoint's, so a restart is the same run.
         takeover: continue a store committed by another run, on purpose.
-        flush_rows: scores buffered per rank before a delta is written mid-epoch (a crash
+        flush_rows: scores buffered per rank before a delta is written mid-epoch, on a
+            background thread, so that little is left to write when the epoch ends (a crash
             keeps what was flushed; the re-run epoch's later writes win).
 
     >>> ib = InfoBatch("/tmp/scores", num_epochs=10)
@@ -73,7 +74,7 @@ class InfoBatch:
                  storage_options: dict[str, Any] | None = None, *,
                  policy: "str | PruningPolicy" = "infobatch", cache_dir: str | None = None,
                  window: int = DEFAULT_WINDOW, run_id: str | None = None,
-                 takeover: bool = False, flush_rows: int = 1 << 20):
+                 takeover: bool = False, flush_rows: int = 1 << 18):
         self.store = store if isinstance(store, ScoreStore) else ScoreStore(
             store, storage_options, cache_dir)
         if isinstance(policy, str):
@@ -141,7 +142,8 @@ class InfoBatch:
             check_owner(self.store.url, self.store.manifest(), self.run_id, self.takeover)
             self._epoch = self.epoch
             self._writer = self.store.writer(self._epoch, rank=distributed.rank(),
-                                             flush_rows=self.flush_rows, run_id=self.run_id)
+                                             flush_rows=self.flush_rows, run_id=self.run_id,
+                                             background=True)
             self._steps_at_epoch_start = self._steps_done
         return self._epoch
 
@@ -189,6 +191,7 @@ class InfoBatch:
         error = None
         try:
             self._writer.flush()
+            self._writer.close()
         except Exception as exc:  # raised on every rank by all_ranks_ok
             error = exc
         distributed.all_ranks_ok(error, f"flushing the scores of epoch {epoch}")

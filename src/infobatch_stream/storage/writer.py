@@ -6,11 +6,12 @@ import io
 import logging
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import fsio, layout
+from . import layout
 from .keys import as_scores, hash_keys
 from .tables import DELTA_SCHEMA, write_table_file
 
@@ -67,8 +68,10 @@ class DeltaWriter:
 
     NaN and infinite scores are dropped at ``record`` and counted (``rejected_nonfinite``),
     so they never reach the store or its mean. A buffer that reaches ``flush_rows`` rows is
-    flushed on its own, which bounds the trainer's memory. ``run_id`` tags each delta with
-    the training run that wrote it: a commit by another run does not merge it.
+    flushed on its own, which bounds the trainer's memory; with ``background=True`` that
+    flush (sort, encode, write) runs on a thread of its own while training goes on, and the
+    next ``flush()`` waits for it and raises its error, if any. ``run_id`` tags each delta
+    with the training run that wrote it: a commit by another run does not merge it.
 
     >>> writer = store.writer(epoch=0, rank=0)
     >>> writer.record(["a", "b"], [0.7, 1.3])
@@ -77,7 +80,7 @@ class DeltaWriter:
     """
 
     def __init__(self, store: "ScoreStore", epoch: int, rank: int = 0, *,
-                 flush_rows: int = 1 << 22, run_id: str | None = None):
+                 flush_rows: int = 1 << 22, run_id: str | None = None, background: bool = False):
         self.store = store
         self.epoch = layout.check_epoch(epoch)
         self.rank = layout.check_rank(rank)
@@ -85,6 +88,7 @@ class DeltaWriter:
         if run_id is not None and not isinstance(run_id, str):
             raise TypeError(f"run_id must be a str or None, got {type(run_id).__name__}")
         self.run_id = run_id
+        self.background = bool(background)
         self.rejected_nonfinite = 0  # since the last flush
         self.rows_written = 0
         self.files_written: list[str] = []
@@ -93,6 +97,8 @@ class DeltaWriter:
         self._pending = 0
         self._seq = 0
         self._last_ns = 0
+        self._thread: ThreadPoolExecutor | None = None
+        self._in_flight: list[Future] = []
 
     @property
     def pending(self) -> int:
@@ -115,21 +121,35 @@ class DeltaWriter:
         self._scores.append(np.array(values, np.float32, copy=True))
         self._pending += len(hashes)
         if self._pending >= self.flush_rows:
-            self.flush()
+            if self.background:
+                self._raise_failed()
+                if self._thread is None:
+                    self._thread = ThreadPoolExecutor(1, thread_name_prefix="infobatch-flush")
+                self._in_flight.append(self._thread.submit(self._write, self._take()))
+            else:
+                self.flush()
 
-    def flush(self) -> str | None:
-        """Write the buffered updates as one delta file; return its path in the store (None if empty)."""
-        if not self._pending and not self.rejected_nonfinite:
-            return None
+    def _take(self) -> tuple:
+        """The buffer as one delta-to-be, named now so names keep the write order; then empty."""
         hashes = np.concatenate(self._hashes) if self._hashes else np.empty(0, np.uint64)
         scores = np.concatenate(self._scores) if self._scores else np.empty(0, np.float32)
-        hashes, scores, duplicates = last_write_wins(hashes, scores)
         now = max(time.time_ns(), self._last_ns + 1)  # names sort in write order, even if the clock steps back
         self._last_ns = now
         relpath = layout.delta_name(self.epoch, now, self.rank, self._seq, uuid.uuid4().hex[:12])
+        taken = (relpath, hashes, scores, self.rejected_nonfinite)
+        self._seq += 1
+        self._hashes.clear()
+        self._scores.clear()
+        self._pending = 0
+        self.rejected_nonfinite = 0
+        return taken
+
+    def _write(self, taken: tuple) -> str:
+        relpath, hashes, scores, rejected = taken
+        hashes, scores, duplicates = last_write_wins(hashes, scores)
         sink = io.BytesIO()
         meta = {"kind": "delta", "epoch": self.epoch, "rank": self.rank,
-                "duplicates": duplicates, "rejected_nonfinite": self.rejected_nonfinite}
+                "duplicates": duplicates, "rejected_nonfinite": rejected}
         if self.run_id is not None:
             meta["run_id"] = self.run_id
         write_table_file(sink, DELTA_SCHEMA, [hashes, scores], meta)
@@ -140,18 +160,48 @@ class DeltaWriter:
                 "rows) will never be merged, and the next commit's retention removes it",
                 self.store.url, self.epoch, latest, self.rank, len(hashes))
         self.store._write_new(relpath, sink.getvalue())
-        self._seq += 1
         self.rows_written += len(hashes)
         self.files_written.append(relpath)
-        self._hashes.clear()
-        self._scores.clear()
-        self._pending = 0
-        self.rejected_nonfinite = 0
         return relpath
+
+    def _raise_failed(self) -> None:
+        """Drop finished background flushes; raise the error of the first that failed."""
+        done = [f for f in self._in_flight if f.done()]
+        self._in_flight = [f for f in self._in_flight if not f.done()]
+        for future in done:
+            future.result()
+
+    def wait(self) -> None:
+        """Wait for the background flushes; raise the error of the first that failed."""
+        in_flight, self._in_flight = self._in_flight, []
+        for future in in_flight:
+            future.result()
+
+    def flush(self) -> str | None:
+        """Write the buffered updates as one delta file; return its path in the store (None if empty).
+
+        Waits for background flushes first: when it returns, everything recorded is written.
+        """
+        self.wait()
+        if not self._pending and not self.rejected_nonfinite:
+            return None
+        return self._write(self._take())
+
+    def close(self) -> None:
+        """Wait for background flushes and stop the flush thread (buffered rows stay buffered)."""
+        try:
+            self.wait()
+        finally:
+            if self._thread is not None:
+                self._thread.shutdown(wait=True)
+                self._thread = None
 
     def __enter__(self) -> "DeltaWriter":
         return self
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
-        if exc_type is None:
-            self.flush()
+        try:
+            if exc_type is None:
+                self.flush()
+        finally:
+            self.close()
