@@ -2,7 +2,7 @@
 that stays down, one that accepts connections and never answers, and replies lost after the
 request went through.
 
-What s3fs and botocore already do, and what the store adds (see ``fsio.RetryPolicy``):
+What s3fs and botocore already do, and what the store adds (see ``storage/retry.py``):
 botocore retries each request (connection refused: 5 attempts in its default 'legacy' mode,
 about 8 s), s3fs retries interrupted reads; the store retries a whole step with exponential
 backoff past that, within a budget, then raises ``StoreUnavailableError`` naming the URL.
@@ -72,7 +72,7 @@ def test_a_server_restart_mid_epoch_and_mid_commit_is_ridden_out(restartable_s3,
     record(store, ref, 0, rng)
     store.commit(0)
 
-    caplog.set_level(logging.WARNING, logger="infobatch_stream.storage.fsio")
+    caplog.set_level(logging.WARNING, logger="infobatch_stream.storage.retry")
     writer = store.writer(1, rank=0)
     idx = rng.choice(1000, 300, replace=False)
     scores = rng.random(300).astype(np.float32)

@@ -6,13 +6,14 @@ Knows nothing of torch or webdataset; everything is numpy, Arrow IPC, JSON and f
 from .errors import (CorruptStoreError, NotAStoreError, OwnershipError, StoreError,
                      StoreUnavailableError)
 from .keys import KEY_HASH_NAME, hash_key, hash_keys
-from .fsio import RetryPolicy
 from .layout import Manifest
+from .retry import RetryPolicy
 from .snapshot import ScoreSnapshot
 from .store import ScoreStore
 from .writer import DeltaWriter
 
 __all__ = [
     "KEY_HASH_NAME", "CorruptStoreError", "DeltaWriter", "Manifest", "NotAStoreError", "OwnershipError",
-    "ScoreSnapshot", "ScoreStore", "StoreError", "hash_key", "hash_keys",
+    "RetryPolicy", "ScoreSnapshot", "ScoreStore", "StoreError", "StoreUnavailableError", "hash_key",
+    "hash_keys",
 ]

@@ -17,10 +17,11 @@ import time
 import uuid
 from typing import Any, Callable, TypeVar
 
-from . import cache, fsio, layout
+from . import cache, fsio, layout, retention
 from .errors import CorruptStoreError, NotAStoreError, OwnershipError, StoreError
 from .layout import Manifest
 from .merge import merge_snapshot, open_delta
+from .retry import RetryPolicy, with_retries
 from .snapshot import ScoreSnapshot
 from .writer import DeltaWriter
 
@@ -81,10 +82,10 @@ class ScoreStore:
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None,
                  cache_dir: str | None = None, *, keep_snapshots: int = 3,
-                 retries: "fsio.RetryPolicy | int | None" = None):
+                 retries: "RetryPolicy | int | None" = None):
         if isinstance(keep_snapshots, bool) or not isinstance(keep_snapshots, int) or keep_snapshots < 1:
             raise ValueError(f"keep_snapshots must be an int >= 1, got {keep_snapshots!r}")
-        self.retries = fsio.RetryPolicy.of(retries)
+        self.retries = RetryPolicy.of(retries)
         self.url = os.fspath(url) if isinstance(url, os.PathLike) else url
         self.storage_options = dict(storage_options or {})
         self._fs, self.root = fsio.open_fs(self.url, self.storage_options)
@@ -123,8 +124,8 @@ class ScoreStore:
         return fsio.join(self.root, relpath)
 
     def _io(self, action: str, path: str, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """One storage step, retried on transient failures (see ``fsio.with_retries``)."""
-        return fsio.with_retries(self.retries, self.url, action, path, func, *args, **kwargs)
+        """One storage step, retried on transient failures (see ``retry.with_retries``)."""
+        return with_retries(self.retries, self.url, action, path, func, *args, **kwargs)
 
     def _read_file(self, path: str) -> bytes:
         """A whole file of the store, read fresh; never through a link out of the root."""
@@ -471,58 +472,4 @@ class ScoreStore:
             raise CorruptStoreError(path, f"delta {exc}", latest) from None
 
     def _retain(self, manifest: Manifest, started: float) -> None:
-        """After a commit: drop the deltas of committed epochs, old epochs beyond
-        ``keep_snapshots``, orphaned snapshots and the stale temporaries of killed steps."""
-        epochs = self.epochs
-        keep = epochs[-self.keep_snapshots:]
-        retained = {}
-        for epoch in keep:
-            try:
-                retained[epoch] = self.manifest(epoch)
-            except StoreError:
-                return  # leave clean-up to a later commit rather than guess
-        self._remove_committed_deltas(manifest.epoch, retained, started)
-        for epoch in epochs:
-            if epoch not in retained:
-                # The manifest goes first: a manifest never names a missing snapshot.
-                self._remove(layout.manifest_name(epoch))
-        referenced = {m.snapshot for m in retained.values()}
-        for name in self._list(self._path(layout.SNAPSHOTS)):
-            relpath = f"{layout.SNAPSHOTS}/{name}"
-            file_epoch = layout.snapshot_epoch(relpath)
-            if file_epoch is not None and file_epoch <= manifest.epoch and relpath not in referenced:
-                self._remove(relpath)
-        if self.local_root is not None:
-            # Killed writes and commits leave temporaries only on a local disk (an object
-            # store makes a PUT visible whole); none of this job's own is live now.
-            for directory in ("", layout.SNAPSHOTS, layout.MANIFESTS):
-                fsio.sweep_temporaries(os.path.join(self.root, directory), started)
-        else:
-            directory = cache.store_cache_dir(self.cache_dir, self.fs, self.root)
-            cache.evict(directory, {r.rsplit("/", 1)[-1] for r in referenced}, before=started)
-
-    def _remove_committed_deltas(self, committed: int, retained: dict[int, Manifest],
-                                 started: float) -> None:
-        """Remove every delta of an epoch up to ``committed``: merged ones, and, reported,
-        those that no commit merged (flushed after their epoch's commit, or by another run)."""
-        merged = {name for m in retained.values() for name in m.deltas}
-        for dirname in self._list(self._path(layout.DELTAS)):
-            epoch = layout.delta_dir_epoch(dirname)
-            if epoch is None or epoch > committed:
-                continue  # a later epoch's deltas: pending
-            names = self.pending_deltas(epoch)
-            unmerged = [n for n in names if n not in merged]
-            if unmerged and epoch in retained:
-                log.warning(
-                    "%s: %d delta file(s) of epoch %d were never merged (flushed after the epoch "
-                    "was committed, or by another run); removing them: %s", self.url,
-                    len(unmerged), epoch, ", ".join(unmerged[:5]) + (" ..." if len(unmerged) > 5 else ""))
-            for name in names:
-                self._remove(name)
-            if self.local_root is not None:
-                directory = os.path.join(self.root, layout.DELTAS, dirname)
-                fsio.sweep_temporaries(directory, started)  # flushes killed before their rename
-                try:  # object stores have no directories; a local one would stay behind, empty
-                    os.rmdir(directory)
-                except OSError:
-                    pass
+        retention.retain(self, manifest, started)
