@@ -223,3 +223,27 @@ def test_stale_temporaries_in_the_cache_are_removed_live_ones_kept(backend: Back
     assert os.path.basename(dead) not in left and os.path.basename(work) not in left
     assert live_name + ".lock" in left  # the live download's lock was not pulled away
     del manifest
+
+
+@s3_only
+def test_a_cached_copy_evicted_while_being_opened_is_fetched_again(backend: Backend,
+                                                                   monkeypatch) -> None:
+    """Another process of the machine may evict a cached snapshot right after this one found
+    it (a reader of a newer epoch does): that is not a missing remote file."""
+    store = backend.open()
+    with store.writer(0) as writer:
+        writer.record(["a"], [1.0])
+    store.commit(0)
+    real = cache.fetch
+    evicted = []
+
+    def fetch_then_evicted(*args, **kwargs):
+        path, downloaded = real(*args, **kwargs)
+        if not evicted:
+            evicted.append(path)
+            os.unlink(path)  # gone before this process opens it
+        return path, downloaded
+
+    monkeypatch.setattr(cache, "fetch", fetch_then_evicted)
+    assert backend.open().snapshot().lookup(["a"]).tolist() == [1.0]
+    assert evicted

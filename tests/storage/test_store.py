@@ -373,6 +373,41 @@ def test_another_process_committing_first_wins_cleanly(backend: Backend, monkeyp
     assert backend.open().snapshot(0).lookup(["a", "b"]).tolist() == [1.0, 2.0]
 
 
+@pytest.mark.parametrize("runs", [(None, None), ("job-a", "job-b")])
+def test_a_committer_whose_deltas_the_winners_retention_removed(backend: Backend, monkeypatch,
+                                                                 runs) -> None:
+    """Two committers of one epoch; the rival commits, and its retention removes the deltas,
+    while this one is still reading them. This one must not fail on a missing file (it did,
+    or reported the vanished delta as damage): it returns the winner's manifest, or raises
+    OwnershipError when the winner is another run."""
+    from infobatch_stream.storage import OwnershipError, store as store_module
+
+    ours, theirs = runs
+    store = backend.open()
+    with store.writer(0, run_id=ours) as writer:
+        writer.record(["a"], [1.0])
+    with store.writer(0, rank=1, run_id=theirs) as writer:
+        writer.record(["b"], [2.0])
+    rival = backend.open()
+    real_open = store_module.open_delta
+    raced = []
+
+    def open_after_the_rival_committed(path, epoch):
+        if not raced:
+            raced.append(None)  # the rival's own commit opens deltas through here too
+            raced[0] = rival.commit(0, run_id=theirs)
+        return real_open(path, epoch)
+
+    monkeypatch.setattr(store_module, "open_delta", open_after_the_rival_committed)
+    if ours == theirs:
+        assert store.commit(0, run_id=ours) == raced[0]
+    else:
+        with pytest.raises(OwnershipError, match="belongs to run 'job-b'"):
+            store.commit(0, run_id=ours)
+    assert backend.open().manifest(0) == raced[0]
+    assert not any(p.startswith((layout.DELTAS, ".tmp-")) for p in backend.files())
+
+
 def test_a_store_pickles_for_dataloader_workers(backend: Backend) -> None:
     store = backend.open()
     _commit_epoch(store, 0, ["a", "b"], [1.0, 2.0])

@@ -281,16 +281,24 @@ class ScoreStore:
     def _open_snapshot(self, manifest: Manifest, *, quiet: bool = False) -> ScoreSnapshot:
         remote = self._path(manifest.snapshot)
         try:
-            path = self._local_snapshot(manifest)
             try:
-                return self._verified(manifest, path)
-            except ValueError as exc:
+                return self._verified(manifest, self._local_snapshot(manifest))
+            except (ValueError, FileNotFoundError) as exc:
                 if self.local_root is not None or isinstance(exc, _Outside):
                     raise
-                # The cached copy may be what is damaged (a disk error, a stray write), not
-                # the remote file: download it once more; a second failure is the remote's.
-                log.warning("%s: the cached copy %s %s; downloading it again", remote, path, exc)
-                path = self._local_snapshot(manifest, replace_inode=os.stat(path).st_ino)
+                # The cached copy may be what is damaged (a disk error, a stray write) or
+                # gone (evicted by another process meanwhile), not the remote file: fetch it
+                # once more; a second failure is the remote's.
+                cached = os.path.join(cache.store_cache_dir(self.cache_dir, self.fs, self.root),
+                                      manifest.snapshot.rsplit("/", 1)[-1])
+                try:
+                    inode = os.stat(cached).st_ino
+                except FileNotFoundError:
+                    inode = None
+                if isinstance(exc, ValueError):
+                    log.warning("%s: the cached copy %s %s; downloading it again", remote,
+                                cached, exc)
+                path = self._local_snapshot(manifest, replace_inode=inode)
                 return self._verified(manifest, path)
         except FileNotFoundError:
             if manifest.epoch not in self.epochs:
@@ -396,6 +404,14 @@ class ScoreStore:
             live = fsio.hold_work_directory(work)  # retention elsewhere leaves a live commit alone
             try:
                 manifest = self._merge(epoch, previous, delta_names, work, relpath, latest, run_id)
+            except FileNotFoundError:
+                # A delta listed a moment ago is gone: another process committed this epoch
+                # meanwhile and its retention removed it. Its manifest stands.
+                if epoch not in self.epochs:
+                    raise
+                existing = self.manifest(epoch)
+                check_owner(self.url, existing, run_id, takeover)
+                return existing
             finally:
                 os.close(live)
         try:
@@ -469,6 +485,8 @@ class ScoreStore:
                 raise _Outside()
             return open_delta(local, epoch)
         except ValueError as exc:
+            if not os.path.lexists(local):  # removed while being opened, not damaged
+                raise FileNotFoundError(path) from None
             raise CorruptStoreError(path, f"delta {exc}", latest) from None
 
     def _retain(self, manifest: Manifest, started: float) -> None:
