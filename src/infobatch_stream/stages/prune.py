@@ -29,7 +29,10 @@ from ..storage import ScoreSnapshot, ScoreStore, hash_keys
 from .keyfn import KeyFunction, key_hash, sample_key
 from .policy import EpochRule, PruningPolicy
 
-DEFAULT_WINDOW = 512
+# Samples decided together. Larger amortises the window's numpy calls (the stage alone runs
+# at ~1.9M samples/s at 256, ~1.0M at 64); smaller holds fewer raw samples per worker
+# (256 JPEGs of 100 KB are 25 MB) and keeps them warmer in cache for the stages after.
+DEFAULT_WINDOW = 256
 # The default key's C-level equivalent, for the fast path; a KeyError from it sends the
 # window to the slow path, where ``sample_key`` raises its explanatory error.
 _FAST_SAMPLE_KEY = itemgetter("__key__")
