@@ -85,6 +85,27 @@ def test_a_url_that_is_a_file_is_not_a_store(backend: Backend) -> None:
     with pytest.raises(NotAStoreError):
         writer.flush()
 
+def test_another_rank_creating_the_store_between_our_checks_is_not_a_foreign_url(
+        backend: Backend) -> None:
+    """Rank 0 finds no marker; before it lists the URL, rank 1 creates the store and flushes a
+    delta. Rank 0 must see a store being created, not "files and no marker" (torchrun on S3
+    failed this way under load)."""
+    ours, theirs = backend.open(), backend.open()
+    listed = ours._list
+
+    def list_after_the_other_rank_wrote(directory):
+        with theirs.writer(0, rank=1) as writer:
+            writer.record(["b"], [2.0])
+        return listed(directory)
+
+    ours._list = list_after_the_other_rank_wrote
+    with ours.writer(0, rank=0) as writer:
+        writer.record(["a"], [1.0])
+    ours._list = listed
+    ours.commit(0)
+    assert backend.open().snapshot(0).lookup(["a", "b"]).tolist() == [1.0, 2.0]
+
+
 
 @cases("marker", {
     "newer-format": json.dumps({"format": "infobatch-stream/99",

@@ -153,14 +153,19 @@ class ScoreStore:
         if raw is None:
             if self._io("check", self.root, self.fs.isfile, self.root):
                 raise NotAStoreError(f"{self.url} is a file, not a score store; pass a directory or prefix")
-            # The marker itself may appear meanwhile: another rank is creating the store.
+            # The marker may appear meanwhile: another rank creating the store writes it before
+            # anything else, so files listed now with no marker read *after* the listing are
+            # not a store's.
             found = [n for n in self._list(self.root) if n != layout.MARKER]
             if found:
+                raw = self._read_marker()
+            if found and raw is None:
                 shown = ", ".join(found[:5]) + (" ..." if len(found) > 5 else "")
                 raise NotAStoreError(
                     f"{self.url} holds other files ({shown}) and no {layout.MARKER}; it is not a "
                     f"score store. Point the store at a new, empty directory or prefix"
                 )
+        if raw is None:
             if not creating:
                 return  # an empty store; checked again once something is written
             try:
