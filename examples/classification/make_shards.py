@@ -20,15 +20,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-
-def parse_storage_options(pairs: list[str]) -> dict:
-    options = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--storage-option wants key=value, got {pair!r}")
-        options[name] = {"true": True, "false": False}.get(value.lower(), value)
-    return options
+from infobatch_stream.cli import storage_option
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -76,9 +68,10 @@ def main(argv: list[str] | None = None) -> tuple[str, str, int, int]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder or fsspec URL for the shards")
     parser.add_argument("--shard-size", type=int, default=500)
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        type=storage_option)
     args = parser.parse_args(argv)
-    result = write_digits(args.out, args.shard_size, parse_storage_options(args.storage_option))
+    result = write_digits(args.out, args.shard_size, dict(args.storage_option))
     train, test, n_train, n_test = result
     print(f"wrote {n_train} training and {n_test} test samples")
     print(train)

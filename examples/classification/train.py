@@ -24,16 +24,7 @@ import torch.nn.functional as F
 import webdataset as wds
 
 import infobatch_stream as ibs
-
-
-def parse_storage_options(pairs: list[str]) -> dict:
-    options = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--storage-option wants key=value, got {pair!r}")
-        options[name] = {"true": True, "false": False}.get(value.lower(), value)
-    return options
+from infobatch_stream.cli import storage_option
 
 
 def build_model() -> torch.nn.Module:
@@ -90,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="samples in --shards (counted with one pass if left out)")
     p.add_argument("--out", default="runs/digits", help="folder or URL for the store and summary")
     p.add_argument("--store", default=None, help="score store URL (default: OUT/scores)")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   type=storage_option)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -109,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    options = parse_storage_options(args.storage_option)
+    options = dict(args.storage_option)
     if options:
         for url in (args.shards, args.test):
             if "://" in url:

@@ -30,19 +30,10 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from infobatch_stream.cli import storage_option
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 FFHQ_FOLDERS = ("images1024x1024", "thumbnails128x128")
-
-
-def parse_storage_options(pairs: list[str]) -> dict:
-    """``["endpoint_url=http://...", "anon=false"]`` -> fsspec storage options."""
-    options = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--storage-option wants key=value, got {pair!r}")
-        options[name] = {"true": True, "false": False}.get(value.lower(), value)
-    return options
 
 
 def image_folder(root: str) -> str:
@@ -143,11 +134,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--resize", type=int, default=None, help="resize to SIZE x SIZE (PNG)")
     parser.add_argument("--ids", default=None, help="only image ids in START:STOP (e.g. 60000:70000)")
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        type=storage_option,
                         help="fsspec option for --out (repeatable), e.g. endpoint_url=http://...")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     pattern, count = write_shards(args.src, args.out, args.prefix, args.shard_size, args.resize,
-                                  parse_ids(args.ids), parse_storage_options(args.storage_option),
+                                  parse_ids(args.ids), dict(args.storage_option),
                                   progress=not args.quiet)
     print(f"wrote {count} samples; use: --shards '{pattern}' --dataset-size {count}")
     print(pattern)

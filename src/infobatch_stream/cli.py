@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     """
     store = argparse.ArgumentParser(add_help=False)
     store.add_argument("url", help="a local directory or an fsspec URL (s3://bucket/scores)")
-    store.add_argument("--storage-option", metavar="KEY=VALUE", type=_storage_option,
+    store.add_argument("--storage-option", metavar="KEY=VALUE", type=storage_option,
                        action="append", default=[], dest="storage_options",
                        help="an fsspec option, repeatable; VALUE is read as JSON when it parses "
                             "(numbers, true/false; quote a numeric string: key='\"123\"'), e.g. "
@@ -101,7 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _storage_option(text: str) -> tuple[str, Any]:
+def storage_option(text: str) -> tuple[str, Any]:
+    """argparse ``type=`` for ``--storage-option KEY=VALUE`` (the examples use it too): VALUE is
+    read as JSON when it parses, so ``anon=true`` and ``max_attempts=5`` are typed.
+
+    >>> storage_option("endpoint_url=http://127.0.0.1:9000"), storage_option("anon=true")
+    (('endpoint_url', 'http://127.0.0.1:9000'), ('anon', True))
+    """
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
