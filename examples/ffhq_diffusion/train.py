@@ -41,6 +41,7 @@ import webdataset as wds
 from fsspec.implementations.local import LocalFileSystem
 
 import infobatch_stream as ibs
+from infobatch_stream.cli import storage_option
 
 MODELS = {  # block_out_channels, layers_per_block, attention at the lowest resolution
     "tiny": ((32, 64, 64), 1, False),
@@ -52,15 +53,6 @@ EVAL_NOISE_SEED = 20240607   # the held-out noise is the same for every run and 
 
 
 # -- small helpers ------------------------------------------------------------------------
-
-def parse_storage_options(pairs: list[str]) -> dict:
-    options = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--storage-option wants key=value, got {pair!r}")
-        options[name] = {"true": True, "false": False}.get(value.lower(), value)
-    return options
 
 
 class Output:
@@ -292,6 +284,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/ffhq", help="checkpoint, images, summary: folder or URL")
     p.add_argument("--store", default=None, help="score store URL (default: OUT/scores)")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   type=storage_option,
                    help="fsspec option for the store, the shards and --out (repeatable)")
     p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=32, help="per rank")
@@ -339,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = setup_distributed()
-    options = parse_storage_options(args.storage_option)
+    options = dict(args.storage_option)
     if options:  # the shards' URLs are opened by webdataset, in the DataLoader workers
         for url in filter(None, (args.shards, args.heldout)):
             if "://" in url:
