@@ -23,7 +23,8 @@ samples are below the mean and a pruning epoch drops ~30% at r = 0.5):
 (b) **the stage alone** on in-memory samples (dicts shaped as the tar reader makes them,
     fresh copies each repetition) against a snapshot of ``snapshot_keys`` keys, in a
     pruning epoch and in a non-pruning one. Goal: >= 1M input samples/s on one core.
-(c) **pruning before decode**: the same pipeline followed by ``.decode("rgb")``, in the
+(c) **pruning before decode**: the same pipeline followed by ``.decode("rgb")`` and the
+    augmentation of a training pipeline (random 224 crop, flip, normalise), in the
     non-pruning and the pruning epoch. Pruned samples are never decoded, so the time saved
     should follow the pruned fraction. Goal: ``decode_time_saved >= 0.9 * pruned_fraction``.
     The tar reader must read a sample before its key is known, so that part of the time
@@ -75,8 +76,8 @@ GOALS = {"overhead_max": 0.01, "stage_alone_min_samples_per_s": 1_000_000,
 SETTINGS = {
     "full": {"pipeline_samples": 10_000, "decode_samples": 3_000, "stage_samples": 500_000,
              "snapshot_keys": 1_000_000, "reps": 15, "decode_reps": 3},
-    "quick": {"pipeline_samples": 3_000, "decode_samples": 500, "stage_samples": 100_000,
-              "snapshot_keys": 100_000, "reps": 4, "decode_reps": 2},
+    "quick": {"pipeline_samples": 5_000, "decode_samples": 1_500, "stage_samples": 200_000,
+              "snapshot_keys": 1_000_000, "reps": 8, "decode_reps": 3},
 }
 
 
@@ -245,12 +246,27 @@ def bench_stage_alone(store: ibs.ScoreStore, keys: list[str], samples: int, reps
 
 # -- (c) pruning before decode ---------------------------------------------------------------
 
+CROP = 224
+MEAN, STD = np.float32([0.485, 0.456, 0.406]), np.float32([0.229, 0.224, 0.225])
+
+
+def augment(image: np.ndarray, rng=np.random.default_rng(0)) -> np.ndarray:
+    """What a training pipeline does after decode (ImageNet's recipe without the resize):
+    a random 224 crop, a random flip, normalised float32 CHW."""
+    top = rng.integers(0, image.shape[0] - CROP + 1)
+    left = rng.integers(0, image.shape[1] - CROP + 1)
+    crop = image[top:top + CROP, left:left + CROP]
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    return np.ascontiguousarray(((crop - MEAN) / STD).transpose(2, 0, 1))
+
+
 def bench_decode(paths: list[str], store: ibs.ScoreStore, samples: int, reps: int) -> dict:
     def pipeline(epochs: int):
         stage = ibs.InfoBatch(store, num_epochs=epochs, prune_ratio=PRUNE_RATIO).stage()
         return lambda: consume(wds.DataPipeline(
             wds.SimpleShardList(paths), wds.tarfile_to_samples(), stage, wds.decode("rgb"),
-            wds.to_tuple("jpg", "cls", "__weight__")))
+            wds.to_tuple("jpg", "cls", "__weight__"), wds.map_tuple(augment, None, None)))
 
     def reading():
         return consume(wds.DataPipeline(wds.SimpleShardList(paths), wds.tarfile_to_samples()))
@@ -330,6 +346,9 @@ def bench_instructions(paths: list[str], store: ibs.ScoreStore, per_shard: int) 
 # -- main -----------------------------------------------------------------------------------
 
 def run(quick: bool, seed: int = 0, image_size: int = 256, instructions: bool = False) -> dict:
+    if image_size < CROP:
+        raise SystemExit(f"--image-size must be at least {CROP} (the augmentation's crop), "
+                         f"got {image_size}")
     config = SETTINGS["quick" if quick else "full"]
     rng = np.random.default_rng(seed)
     started = time.perf_counter()

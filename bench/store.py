@@ -1,7 +1,7 @@
 """Benchmark of the score store: record, commit, lookup, and the commit's peak memory.
 
     python bench/store.py                      # 1M and 10M keys (the default)
-    python bench/store.py --quick              # 1M keys only
+    python bench/store.py --quick              # 5M keys only
     python bench/store.py --keys 2000000 --dir /mnt/fast/bench
 
 Prints one JSON object to stdout. For each size N, three fresh processes run on a local store:
@@ -280,7 +280,7 @@ def judge(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keys", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    parser.add_argument("--quick", action="store_true", help="1M keys only")
+    parser.add_argument("--quick", action="store_true", help="5M keys only")
     parser.add_argument("--batch", type=int, default=512, help="keys per record() call")
     parser.add_argument("--per-key", type=int, default=100_000, help="one-key lookups to time")
     parser.add_argument("--dir", default=None, help="where to build the stores (default: a temp dir)")
@@ -299,7 +299,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    sizes = [1_000_000] if args.quick else args.keys
+    sizes = [5_000_000] if args.quick else args.keys
     root = args.dir or tempfile.mkdtemp(prefix="infobatch-bench-")
     import numpy
     import pyarrow

@@ -1,6 +1,6 @@
 """Memory of DataLoader workers reading one snapshot through the pruning stage.
 
-A store with one committed snapshot of ``--keys`` keys (2M quick, 5M full: 16 bytes a key)
+A store with one committed snapshot of ``--keys`` keys (5M quick, 10M full: 16 bytes a key)
 is read by 4 real ``torch.utils.data.DataLoader`` worker processes (fork, as on Linux by
 default). Each worker runs ``InfoBatch.stage()`` over its quarter of the keys (the stage
 opens the snapshot, which verifies the checksum of every column, so every page of the file
@@ -207,11 +207,11 @@ def run(keys: int, workers: int = WORKERS, workdir: str | None = None) -> dict[s
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2M keys, not 5M")
+    parser.add_argument("--quick", action="store_true", help="5M keys, not 10M")
     parser.add_argument("--keys", type=int, default=None)
     parser.add_argument("--workers", type=int, default=WORKERS)
     args = parser.parse_args(argv)
-    keys = args.keys or (2_000_000 if args.quick else 5_000_000)
+    keys = args.keys or (5_000_000 if args.quick else 10_000_000)
     json.dump(run(keys, args.workers), sys.stdout, indent=1)
     print()
 
