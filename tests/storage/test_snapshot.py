@@ -75,6 +75,26 @@ def test_a_large_snapshot_with_every_hash_in_one_bucket() -> None:
     assert np.array_equal(got, expected, equal_nan=True)
 
 
+def test_the_widest_bucket_at_the_end_of_a_table_slice_sets_the_search_depth() -> None:
+    """The prefix table is built in slices; the widest bucket's size must be measured against
+    the next slice's first entry once that is built (it was read from uninitialised memory:
+    a too deep search made every lookup ~3x slower, a too shallow one would miss keys)."""
+    from infobatch_stream.storage import snapshot as module
+
+    rng = np.random.default_rng(2)
+    bits = 14                                   # 2 slices of 8192 prefixes
+    rows = module._ROWS_PER_PREFIX << bits
+    uniform = rng.integers(0, 2**64 - 1, rows, dtype=np.uint64, endpoint=True)
+    last_of_slice = np.uint64(module._TABLE_SLICE - 1) << np.uint64(64 - bits)
+    crowded = last_of_slice | rng.integers(0, 2**(64 - bits), 700, dtype=np.uint64)
+    snap, truth = snapshot_of(np.concatenate([uniform, crowded]))
+    check_lookups(snap, truth, np.concatenate([crowded, crowded + np.uint64(1), uniform[:5000]]))
+    assert snap._bits == bits
+    starts = np.searchsorted(snap.hashes, np.arange(1 << bits, dtype=np.uint64) << np.uint64(64 - bits))
+    widest = int(np.diff(np.append(starts, len(snap))).max())
+    assert widest > 700 and snap._steps == widest.bit_length()
+
+
 def test_the_empty_snapshot() -> None:
     snap = ScoreSnapshot.empty()
     assert len(snap) == 0 and snap.mean is None and snap.epoch is None

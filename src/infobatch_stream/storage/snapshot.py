@@ -85,12 +85,14 @@ class ScoreSnapshot:
         table[-1] = rows
         # In slices, so that building it needs no temporaries the size of the table: in a
         # DataLoader worker the table is the only private memory a snapshot costs.
-        widest = 0
         for lo in range(0, 1 << bits, _TABLE_SLICE):
             hi = min(lo + _TABLE_SLICE, 1 << bits)
             prefixes = np.arange(lo, hi, dtype=np.uint64) << self._shift if bits else np.zeros(1, np.uint64)
             table[lo:hi] = np.searchsorted(self.hashes, prefixes)
-            widest = max(widest, int(np.max(np.diff(table[lo:hi + 1]))))
+        # Only once the whole table is built: a slice's last bucket ends at the next slice's
+        # first entry.
+        widest = max(int(np.max(np.diff(table[lo:lo + _TABLE_SLICE + 1])))
+                     for lo in range(0, 1 << bits, _TABLE_SLICE))
         self._table = table
         self._bits = bits
         self._steps = widest.bit_length()
