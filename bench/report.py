@@ -518,10 +518,12 @@ def findings(results: dict[str, Any]) -> str:
           f"(cache and allocator effects): the do-nothing `window_only` control costs "
           f"{fmt(((stage.get('raw') or {}).get('pipeline') or {}).get('window_only', {}).get('overhead'), 'fraction')} "
           f"by itself. Counted in instructions, which the machine's noise does not touch "
-          f"(`python bench/stage.py --instructions`, cachegrind), the stage added 0.30% on "
-          f"2026-11-27. Tried: a window of 32 samples instead of 256 holds 8x fewer raw bytes "
-          f"but measured 7.0% against 4.7% (the per-window numpy calls, stage alone 285K "
-          f"samples/s); the window stays at 256.\n")
+          f"(`python bench/stage.py --instructions`, cachegrind), the stage added 0.25% in a "
+          f"pruning epoch and 0.30% in an annealing one on 2026-11-28. Tried: a window of 64 "
+          f"samples instead of 256 holds 4x fewer raw bytes but measured no better (8.5% "
+          f"against 7.7% in one pair of noisy runs; the stage alone 0.76M against 1.14M "
+          f"samples/s, its per-window numpy calls amortised over fewer samples); the window "
+          f"stays at 256.\n")
     if goals.get("decode time saved", {}).get("pass") is False:
         w(f"**Decode time saved** ({100 * stage['decode_time_saved']:.1f}% against "
           f"{100 * stage['pruned_fraction']:.1f}% of the samples pruned). A pruned sample is "

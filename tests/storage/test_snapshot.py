@@ -82,7 +82,7 @@ def test_the_widest_bucket_at_the_end_of_a_table_slice_sets_the_search_depth() -
     from infobatch_stream.storage import snapshot as module
 
     rng = np.random.default_rng(2)
-    bits = 14                                   # 2 slices of 8192 prefixes
+    bits = 14                                   # several slices of prefixes
     rows = module._ROWS_PER_PREFIX << bits
     uniform = rng.integers(0, 2**64 - 1, rows, dtype=np.uint64, endpoint=True)
     last_of_slice = np.uint64(module._TABLE_SLICE - 1) << np.uint64(64 - bits)

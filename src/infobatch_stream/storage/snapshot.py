@@ -20,7 +20,7 @@ from .keys import hash_keys
 from .tables import SNAPSHOT_SCHEMA, TableFile, open_table_file
 
 _ROWS_PER_PREFIX = 64  # 7 bisection steps; 16 rows took 6 steps (+7% lookups/s) for a 4x table
-_TABLE_SLICE = 1 << 13  # temporaries of 64 KB: below malloc's mmap threshold, never kept
+_TABLE_SLICE = 1 << 11  # temporaries of 16 KB: less for malloc to keep in a worker's heap
 _SMALL_QUERY = 16  # below this many keys a plain binary search has less overhead
 
 
