@@ -88,26 +88,28 @@ def status() -> dict[str, int]:
 
 # -- phases, each run in a fresh process ------------------------------------------------------
 
+def _time_record(store, epoch: int, keys, scores: np.ndarray, batch: int, kind: str) -> dict:
+    """Record ``keys`` batch by batch into epoch ``epoch`` and flush: ``record_<kind>_*``."""
+    n = len(scores)
+    writer = store.writer(epoch, rank=0)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for s in range(0, n, batch):
+        writer.record(keys[s:s + batch], scores[s:s + batch])
+    t1 = time.perf_counter()
+    writer.flush()
+    t2, c2 = time.perf_counter(), time.process_time()
+    return {f"record_{kind}_keys_per_s": n / (t2 - t0),
+            f"record_{kind}_keys_per_cpu_s": n / (c2 - c0),
+            f"record_{kind}_only_keys_per_s": n / (t1 - t0),
+            f"record_{kind}_deltas": len(writer.files_written)}
+
+
 def phase_record(directory: str, n: int, batch: int) -> dict[str, Any]:
     st = storage()
     store = st.ScoreStore(directory, cache_dir=os.path.join(directory, "..", "cache"))
     rng = np.random.default_rng(0)
     keys = keys_of(range(n))
-    scores = rng.gamma(2.0, 1.0, n).astype(np.float32)
-    starts = range(0, n, batch)
-    out: dict[str, Any] = {}
-
-    writer = store.writer(0, rank=0)
-    t0, c0 = time.perf_counter(), time.process_time()
-    for s in starts:
-        writer.record(keys[s:s + batch], scores[s:s + batch])
-    t1 = time.perf_counter()
-    writer.flush()
-    t2, c2 = time.perf_counter(), time.process_time()
-    out["record_str_keys_per_s"] = n / (t2 - t0)
-    out["record_str_keys_per_cpu_s"] = n / (c2 - c0)
-    out["record_str_only_keys_per_s"] = n / (t1 - t0)
-    out["record_str_deltas"] = len(writer.files_written)
+    out = _time_record(store, 0, keys, rng.gamma(2.0, 1.0, n).astype(np.float32), batch, "str")
 
     t0 = time.perf_counter()
     manifest = store.commit(0)
@@ -116,18 +118,8 @@ def phase_record(directory: str, n: int, batch: int) -> dict[str, Any]:
 
     hashes = st.hash_keys(keys)  # what a trainer gets back from a batch: precomputed hashes
     del keys
-    scores = rng.gamma(2.0, 1.0, n).astype(np.float32)
-    writer = store.writer(1, rank=0)
-    t0, c0 = time.perf_counter(), time.process_time()
-    for s in starts:
-        writer.record(hashes[s:s + batch], scores[s:s + batch])
-    t1 = time.perf_counter()
-    writer.flush()
-    t2, c2 = time.perf_counter(), time.process_time()
-    out["record_u64_keys_per_s"] = n / (t2 - t0)
-    out["record_u64_keys_per_cpu_s"] = n / (c2 - c0)
-    out["record_u64_only_keys_per_s"] = n / (t1 - t0)
-    out["record_u64_deltas"] = len(writer.files_written)
+    out.update(_time_record(store, 1, hashes, rng.gamma(2.0, 1.0, n).astype(np.float32), batch,
+                            "u64"))
     return out
 
 
