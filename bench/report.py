@@ -524,12 +524,13 @@ def findings(results: dict[str, Any]) -> str:
           f"against 7.7% in one pair of noisy runs; the stage alone 0.76M against 1.14M "
           f"samples/s, its per-window numpy calls amortised over fewer samples); the window "
           f"stays at 256.\n")
-    if goals.get("decode time saved", {}).get("pass") is False:
+    decode = (stage.get("raw") or {}).get("decode") or {}
+    if goals.get("decode time saved", {}).get("pass") is False and decode:
         w(f"**Decode time saved** ({100 * stage['decode_time_saved']:.1f}% against "
           f"{100 * stage['pruned_fraction']:.1f}% of the samples pruned). A pruned sample is "
           f"still read from the tar before its key is known: reading is "
-          f"{100 * (1 - stage['decode']['prunable_share']):.0f}% of the pipeline's time here, "
-          f"so at most {100 * stage['decode']['expected_saved_if_decode_is_skipped']:.1f}% can be "
+          f"{100 * (1 - decode['prunable_share']):.0f}% of the pipeline's time here, "
+          f"so at most {100 * decode['expected_saved_if_decode_is_skipped']:.1f}% can be "
           f"saved.\n")
     store = results.get("store", {})
     if goals.get("commit peak memory", {}).get("pass") is False:

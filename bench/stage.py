@@ -75,7 +75,7 @@ GOALS = {"overhead_max": 0.01, "stage_alone_min_samples_per_s": 1_000_000,
 
 SETTINGS = {
     "full": {"pipeline_samples": 10_000, "decode_samples": 3_000, "stage_samples": 500_000,
-             "snapshot_keys": 1_000_000, "reps": 15, "decode_reps": 3},
+             "snapshot_keys": 1_000_000, "reps": 15, "decode_reps": 5},
     "quick": {"pipeline_samples": 5_000, "decode_samples": 1_500, "stage_samples": 200_000,
               "snapshot_keys": 1_000_000, "reps": 8, "decode_reps": 3},
 }

@@ -158,6 +158,32 @@ def test_goals_and_docs(tmp_path, bookkeeping_result, workers_result, lossless_r
     assert json.loads((tmp_path / "benchmarks.json").read_text())["goals"] == results["goals"]
 
 
+def test_docs_explain_a_missed_stage_goal(tmp_path):
+    """The findings of a stage run that misses its overhead and decode goals render (the
+    decode figures live in the raw output: reading them from the mapped section crashed)."""
+    run = load("run")
+    side = {"overhead": 0.05, "overhead_quartiles": [0.02, 0.08], "overhead_wall": 0.05}
+    raw = {"raw_samples_per_s": 9000.0, "staged_samples_per_s": 8550.0, "overhead": 0.05,
+           "stage_alone_samples_per_s": 1.1e6, "decode_time_saved": 0.20, "pruned_fraction": 0.30,
+           "overhead_from_stage_cost": 0.006, "clock": "process CPU time", "settings": {},
+           "pipeline": {"pruning": side, "not_pruning": side,
+                        "raw_again": {"overhead_quartiles": [-0.01, 0.02]},
+                        "window_only": {"overhead": 0.027}},
+           "decode": {"prunable_share": 0.92, "expected_saved_if_decode_is_skipped": 0.276}}
+    results = {"meta": {"date": "today", "command": "python bench/run.py", "quick": False,
+                        "machine": {"cpus": 2}},
+               "stage": dict(run.map_stage(raw), raw=raw)}
+    results["goals"] = run.judge(results)
+    by_name = {g["name"]: g for g in results["goals"]}
+    assert by_name["stage overhead"]["pass"] is False
+    assert by_name["decode time saved"]["pass"] is False
+    assert by_name["decode time saved"]["measured"] == pytest.approx(0.2 / 0.3)
+    load("report").write_docs(results, str(tmp_path))
+    page = (tmp_path / "benchmarks.md").read_text()
+    assert "**Stage overhead** (5.00%" in page and "control costs 2.70%" in page
+    assert "**Decode time saved** (20.0% against 30.0%" in page and "at most 27.6%" in page
+
+
 def test_run_end_to_end_with_a_subprocess(tmp_path):
     """run.py runs a benchmark as a process, parses its JSON and writes both outputs."""
     run = load("run")
