@@ -18,7 +18,7 @@ import xxhash
 from fsspec import AbstractFileSystem
 from fsspec.callbacks import TqdmCallback
 
-from . import fsio
+from . import fsio, layout
 
 ENV_CACHE_DIR = "INFOBATCH_STREAM_CACHE"
 
@@ -85,9 +85,7 @@ def fetch(fs: AbstractFileSystem, remote: str, directory: str, expected_bytes: i
 
 def snapshot_epoch(name: str) -> int | None:
     """The epoch of a cached snapshot file's base name (None for other files)."""
-    from .layout import snapshot_epoch as relpath_epoch
-
-    return relpath_epoch(f"snapshots/{name}")
+    return layout.snapshot_epoch(f"{layout.SNAPSHOTS}/{name}")
 
 
 def _remove_unless_locked(lock: str, *paths: str) -> bool:
@@ -97,10 +95,7 @@ def _remove_unless_locked(lock: str, *paths: str) -> bool:
         with open(lock, "a+b") as handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             for path in paths:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+                fsio.remove_local(path)
         return True
     except BlockingIOError:
         return False
@@ -135,10 +130,7 @@ def evict(directory: str, keep: set[str], before: float | None = None) -> None:
         if name.endswith(".lock"):  # never pull the lock from under a live download
             _remove_unless_locked(path, path)
             continue
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        fsio.remove_local(path)
 
 
 def evict_older(directory: str, epoch: int, keep_epochs: int) -> None:

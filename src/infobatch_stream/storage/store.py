@@ -127,10 +127,14 @@ class ScoreStore:
         """One storage step, retried on transient failures (see ``retry.with_retries``)."""
         return with_retries(self.retries, self.url, action, path, func, *args, **kwargs)
 
-    def _read_file(self, path: str) -> bytes:
-        """A whole file of the store, read fresh; never through a link out of the root."""
+    def _check_inside(self, path: str) -> None:
+        """Refuse a local file of the store that is a symbolic link leading out of its root."""
         if self.local_root is not None and not fsio.inside_root(self.root, path):
             raise _Outside()
+
+    def _read_file(self, path: str) -> bytes:
+        """A whole file of the store, read fresh; never through a link out of the root."""
+        self._check_inside(path)
         return self._io("read", path, fsio.read_bytes, self.fs, path)
 
     def _read_marker(self) -> bytes | None:
@@ -271,8 +275,7 @@ class ScoreStore:
 
     def _verified(self, manifest: Manifest, path: str) -> ScoreSnapshot:
         """Open the local snapshot file ``path``; ValueError unless it is what ``manifest`` names."""
-        if self.local_root is not None and not fsio.inside_root(self.root, path):
-            raise _Outside()
+        self._check_inside(path)
         size = os.path.getsize(path)
         if size != manifest.snapshot_bytes:
             raise ValueError(f"is {size} bytes, its manifest says {manifest.snapshot_bytes}")
@@ -486,8 +489,8 @@ class ScoreStore:
             if local is None:
                 local = os.path.join(work, name.rsplit("/", 1)[-1])
                 self._io("download", path, fsio.get_file, self.fs, path, local)
-            elif not fsio.inside_root(self.root, local):
-                raise _Outside()
+            else:
+                self._check_inside(local)
             return open_delta(local, epoch)
         except ValueError as exc:
             if not os.path.lexists(local):  # removed while being opened, not damaged
