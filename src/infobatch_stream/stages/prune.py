@@ -29,9 +29,9 @@ from ..storage import ScoreSnapshot, ScoreStore, hash_keys
 from .keyfn import KeyFunction, key_hash, sample_key
 from .policy import EpochRule, PruningPolicy
 
-# Samples decided together. Larger amortises the window's numpy calls (the stage alone runs
-# at ~1.9M samples/s at 256, ~1.0M at 64); smaller holds fewer raw samples per worker
-# (256 JPEGs of 100 KB are 25 MB) and keeps them warmer in cache for the stages after.
+# Samples decided together. Larger amortises the window's numpy calls (against a 1M-key
+# snapshot the stage alone ran at ~1.1M samples/s at 256, ~0.8M at 64: bench/stage.py,
+# 2026-11-28); smaller holds fewer raw samples per worker (256 JPEGs of 100 KB are 25 MB).
 DEFAULT_WINDOW = 256
 # The default key's C-level equivalent, for the fast path; a KeyError from it sends the
 # window to the slow path, where ``sample_key`` raises its explanatory error.

@@ -185,9 +185,7 @@ def strict_json(raw: bytes) -> Any:
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant,
                           object_pairs_hook=_refuse_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"not valid JSON ({exc})") from None
-    except ValueError as exc:
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors too
         raise ValueError(f"not valid JSON ({exc})") from None
 
 
