@@ -431,3 +431,36 @@ def test_manifest_is_plain_json(backend: Backend) -> None:
     assert data["keys"] == 2 and data["duplicates"] == 1 and data["mean"] == 2.5
     assert data["deltas"] == list(manifest.deltas) and len(data["deltas"]) == 1
     assert "-r00007-" in data["deltas"][0]
+
+
+def test_a_snapshot_retired_while_its_file_is_being_mapped_is_not_reported_damaged(
+        local_backend: Backend, monkeypatch) -> None:
+    """A reader has checked the snapshot's size when another process commits two epochs and
+    retention (keep_snapshots=1) removes the file before the reader maps it: the reader opens
+    the newer epoch. (Mapping a vanished file read as a damaged one, CorruptStoreError: the
+    reader-during-commits test caught it under load.)"""
+    from infobatch_stream.storage import snapshot as snapshot_module
+
+    committer = local_backend.open(keep_snapshots=1)
+    for epoch in range(2):
+        with committer.writer(epoch) as writer:
+            writer.record(["a", "b"], [float(epoch), 1.0])
+        committer.commit(epoch)
+    reader = local_backend.open(keep_snapshots=1)
+    real_open = snapshot_module.open_table_file
+    reads = []
+
+    def commit_more_first(path, *args):
+        if not reads:
+            reads.append(path)
+            monkeypatch.setattr(snapshot_module, "open_table_file", real_open)  # for the commits
+            for epoch in (2, 3):
+                with committer.writer(epoch) as writer:
+                    writer.record(["a"], [float(epoch)])
+                committer.commit(epoch)
+        return real_open(path, *args)
+
+    monkeypatch.setattr(snapshot_module, "open_table_file", commit_more_first)
+    snap = reader.snapshot()
+    assert "epoch-00000001" in reads[0]
+    assert snap.epoch == 3 and snap.lookup(["a", "b"]).tolist() == [3.0, 1.0]

@@ -116,6 +116,8 @@ def open_table_file(path: str, schema: pa.Schema, kind: str) -> TableFile:
     try:
         source = pa.memory_map(path, "r")
         reader = pa.ipc.open_file(source)
+    except FileNotFoundError:
+        raise  # gone (retention removed it meanwhile), not damaged: the caller decides
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
         raise ValueError(f"not a readable Arrow IPC file ({exc})") from None
     file_schema = reader.schema
