@@ -87,14 +87,18 @@ def test_a_server_restart_mid_epoch_and_mid_commit_is_ridden_out(restartable_s3,
     record(store, ref, 1, rng, rank=1)
 
     real_put = fsio.put_file
+    outage = []
 
     def put_during_an_outage(*args, **kwargs):  # the commit's snapshot upload
-        monkeypatch.setattr(fsio, "put_file", real_put)
-        server.down_for(1.0)
+        # Once: the store's retries call this same function again, and a second outage
+        # would start a second server racing the first for the port.
+        if not outage:
+            outage.append(server.down_for(1.0))
         return real_put(*args, **kwargs)
 
     monkeypatch.setattr(fsio, "put_file", put_during_an_outage)
     manifest = store.commit(1)
+    outage[0].join()
     retried = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
     assert any("upload" in m and "/snapshots/" in m for m in retried), retried
 
