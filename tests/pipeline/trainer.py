@@ -98,6 +98,10 @@ def main() -> None:
             losses_seen += per_sample.detach().tolist()
             steps += 1
             if (epoch, steps) == (kill_epoch, kill_step):
+                # Full buffers are written on a background thread: let the ones already
+                # handed to it land, so the kill leaves flushed deltas (and a buffered rest)
+                # however loaded the machine is.
+                ib._writer.wait()
                 os.kill(os.getpid(), signal.SIGKILL)
         ib.end_epoch()
         with open(os.path.join(args.out, f"rank{rank}-epoch{epoch}.json"), "w") as f:
