@@ -112,14 +112,14 @@ def test_inspect_json_matches_numpy_and_policy(store_and_expected, capsys):
 
 def test_inspect_older_epoch_other_ratio_and_seed(store_and_expected, capsys):
     store, expected = store_and_expected
-    report, _ = run_json(capsys, "inspect", store.url, "--epoch", "2", "--ratio", "0.3",
+    report, _ = run_json(capsys, "inspect", store.url, "--epoch", "2", "--prune-ratio", "0.3",
                          "--seed", "7")
     scores = np.array(list(expected[2].values()), np.float32)
     assert report["snapshot"]["epoch"] == 2 and report["latest_epoch"] == 3
     check_stats(report, scores, store.snapshot(2), 0.3, seed=7)
     assert report["pending_deltas"]["epoch"] == 4  # pending is always the store's next epoch
 
-    report, _ = run_json(capsys, "inspect", store.url, "--ratio", "0")
+    report, _ = run_json(capsys, "inspect", store.url, "--prune-ratio", "0")
     assert report["next_epoch"]["pruned"] == 0 and report["next_epoch"]["pruned_expected"] == 0
 
 
@@ -154,8 +154,10 @@ def test_inspect_store_without_commit_and_clean_store(tmp_path, capsys):
 
 def test_progress_bar_stays_quiet_off_a_tty(store_and_expected, capsys, monkeypatch):
     store, _ = store_and_expected
-    monkeypatch.setattr(cli, "_PROGRESS_KEYS", 0)
-    monkeypatch.setattr(cli, "_CHUNK", 100)  # many chunks: a bar would have drawn
+    from infobatch_stream.stages import policy
+
+    monkeypatch.setattr(policy, "_PROGRESS_KEYS", 0)
+    monkeypatch.setattr(policy, "_COUNT_CHUNK", 100)  # many chunks: a bar would have drawn
     report, err = run_json(capsys, "inspect", store.url)
     assert report["next_epoch"]["pruned"] == policy_pruned(store.snapshot(), 0.5)
     assert err.count("\n") == 1 and err.startswith("WARNING")  # the duplicates line only
@@ -250,7 +252,7 @@ def test_bad_urls_exit_2(tmp_path, capsys):
 
 def test_bad_arguments_and_missing_epoch(store_and_expected, tmp_path, capsys):
     store, _ = store_and_expected
-    for argv in (["inspect", store.url, "--ratio", "1"], ["inspect", store.url, "--epoch", "-1"],
+    for argv in (["inspect", store.url, "--prune-ratio", "1"], ["inspect", store.url, "--epoch", "-1"],
                  ["plot", store.url, "x.png", "--bins", "0"], ["export", store.url],
                  ["inspect", store.url, "--storage-option", "novalue"]):
         with pytest.raises(SystemExit) as exit_info:
@@ -319,6 +321,14 @@ def test_s3_store(s3_server, s3_bucket, cache_dir, tmp_path, capsys):
     out = tmp_path / "s3.parquet"
     assert cli.main(["export", url, str(out), *options]) == 0
     assert pq.read_table(out)["score"].to_numpy().tolist() == store.snapshot().scores.tolist()
+    # ... and the outputs themselves to the bucket, through the same options
+    remote_out = f"s3://{s3_bucket}/reports/latest.parquet"
+    assert cli.main(["export", url, remote_out, *options]) == 0
+    assert cli.main(["plot", url, f"s3://{s3_bucket}/reports/scores.png", *options]) == 0
+    fs = s3_server.filesystem()
+    with fs.open(remote_out, "rb") as f:
+        assert pq.read_table(f)["score"].to_numpy().tolist() == store.snapshot().scores.tolist()
+    assert fs.cat_file(f"s3://{s3_bucket}/reports/scores.png")[:8] == b"\x89PNG\r\n\x1a\n"
     capsys.readouterr()
     missing = f"s3://{s3_bucket}/nothing-here"
     assert cli.main(["inspect", missing, *options]) == 2

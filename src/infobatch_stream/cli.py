@@ -1,8 +1,8 @@
 """The ``infobatch-stream`` command: look into a score store, never write to it.
 
     infobatch-stream inspect s3://bucket/runs/ffhq/scores --storage-option endpoint_url=http://minio:9000
-    infobatch-stream inspect ./scores --epoch 4 --ratio 0.3 --json
-    infobatch-stream export ./scores epoch4.parquet --epoch 4
+    infobatch-stream inspect ./scores --epoch 4 --prune-ratio 0.3 --json
+    infobatch-stream export ./scores s3://bucket/reports/epoch4.parquet --epoch 4
     infobatch-stream plot ./scores scores.png --bins 80
 
 A bad URL, a URL that holds no store, or a damaged store prints one line naming the file or
@@ -15,22 +15,22 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from . import __version__
+from .stages.plan import plan_epoch
 from .stages.policy import InfoBatchPolicy, check_prune_ratio
 from .storage import Manifest, ScoreSnapshot, ScoreStore, StoreError, fsio, layout
+from .storage.options import add_storage_option_argument, storage_option  # noqa: F401 (was here)
 
 QUANTILES = (("min", 0.0), ("p1", 0.01), ("p10", 0.10), ("p25", 0.25), ("p50", 0.50),
              ("p75", 0.75), ("p90", 0.90), ("p99", 0.99), ("max", 1.0))
 EPOCH_FIELDS = ("epoch", "keys", "updated", "new_keys", "duplicates", "rejected_nonfinite",
                 "mean", "created_at", "run_id")  # of each retained epoch's manifest
-_PROGRESS_KEYS = 50_000_000  # below this the exact count takes about a second: no bar
-_CHUNK = 1 << 22
 
 
 class CliError(Exception):
@@ -70,11 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     """
     store = argparse.ArgumentParser(add_help=False)
     store.add_argument("url", help="a local directory or an fsspec URL (s3://bucket/scores)")
-    store.add_argument("--storage-option", metavar="KEY=VALUE", type=storage_option,
-                       action="append", default=[], dest="storage_options",
-                       help="an fsspec option, repeatable; VALUE is read as JSON when it parses "
-                            "(numbers, true/false; quote a numeric string: key='\"123\"'), e.g. "
-                            "endpoint_url=http://127.0.0.1:9000")
+    add_storage_option_argument(store, "; they apply to the store and to the output URL")
     store.add_argument("--cache-dir", help="where remote snapshots are downloaded (default "
                        "$INFOBATCH_STREAM_CACHE or ~/.cache/infobatch-stream)")
     parser = argparse.ArgumentParser(prog="infobatch-stream", description=__doc__.split("\n")[0])
@@ -84,37 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", parents=[store], help="retained epochs, score "
                                   "distribution and next epoch's pruning")
     inspect.add_argument("--epoch", type=_non_negative, help="snapshot to describe (default: latest)")
-    inspect.add_argument("--ratio", type=_ratio, default=0.5, help="prune ratio r (default 0.5)")
+    inspect.add_argument("--prune-ratio", "--ratio", type=_ratio, default=0.5, dest="prune_ratio",
+                         help="prune ratio r, as InfoBatch(prune_ratio=...) (default 0.5)")
     inspect.add_argument("--seed", type=_non_negative, default=0, help="the run's seed (default 0)")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.set_defaults(run=_inspect)
 
     export = commands.add_parser("export", parents=[store], help="a snapshot as Parquet")
-    export.add_argument("out", help="the .parquet file to write (replaced atomically)")
+    export.add_argument("out", help="the .parquet file to write: a path or an fsspec URL "
+                        "(written whole or not at all)")
     export.add_argument("--epoch", type=_non_negative, help="default: the latest committed epoch")
     export.set_defaults(run=_export)
 
     plot = commands.add_parser("plot", parents=[store], help="score histogram per retained epoch")
-    plot.add_argument("out", help="the .png file to write")
+    plot.add_argument("out", help="the .png file to write: a path or an fsspec URL")
     plot.add_argument("--bins", type=_positive, default=50, help="histogram bins (default 50)")
     plot.set_defaults(run=_plot)
     return parser
-
-
-def storage_option(text: str) -> tuple[str, Any]:
-    """argparse ``type=`` for ``--storage-option KEY=VALUE`` (the examples use it too): VALUE is
-    read as JSON when it parses, so ``anon=true`` and ``max_attempts=5`` are typed.
-
-    >>> storage_option("endpoint_url=http://127.0.0.1:9000"), storage_option("anon=true")
-    (('endpoint_url', 'http://127.0.0.1:9000'), ('anon', True))
-    """
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(raw)
-    except json.JSONDecodeError:
-        return key, raw
 
 
 def _ratio(text: str) -> float:
@@ -138,10 +120,10 @@ _non_negative, _positive = _bounded_int(0), _bounded_int(1)
 def _open_store(args: argparse.Namespace) -> ScoreStore:
     try:
         store = ScoreStore(args.url, dict(args.storage_options), args.cache_dir)
-        store.epochs  # the first request; NotAStoreError when the URL holds something else
+        _ = store.epochs  # the first request; NotAStoreError when the URL holds something else
     except StoreError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any failure of the first request is about the URL
+    except Exception as exc:
         # (unknown protocol, backend not installed, unknown storage option, endpoint unreachable)
         raise CliError(f"{args.url}: cannot open the store: {type(exc).__name__}: {exc}") from None
     # A store reads a missing location as a new, empty store (writers create it); here it is a typo.
@@ -180,7 +162,7 @@ def _inspect(args: argparse.Namespace) -> int:
         # The epoch listed above, not a newer one a live run may have committed since.
         snap = store.snapshot(latest if args.epoch is None else args.epoch)
         report["snapshot"] = snapshot_stats(snap)
-        report["next_epoch"] = next_epoch_pruning(snap, args.ratio, args.seed)
+        report["next_epoch"] = next_epoch_pruning(snap, args.prune_ratio, args.seed)
     for m in manifests:
         if m.duplicates:
             print(f"WARNING: epoch {m.epoch}: {m.duplicates:,} updates hit a key already updated "
@@ -205,42 +187,31 @@ def snapshot_stats(snap: ScoreSnapshot) -> dict[str, Any]:
              "below_mean": 0, "fraction_below_mean": None}
     if len(snap):
         values = np.quantile(snap.scores, [q for _, q in QUANTILES])
-        stats["quantiles"] = {name: float(v) for (name, _), v in zip(QUANTILES, values)}
+        stats["quantiles"] = {name: float(v) for (name, _), v in zip(QUANTILES, values, strict=True)}
         # float64 threshold, exactly as the policy compares
         stats["below_mean"] = int(np.count_nonzero(snap.scores < np.float64(snap.mean)))
         stats["fraction_below_mean"] = stats["below_mean"] / len(snap)
     return stats
 
 
-@dataclass
-class _Rows:  # a slice of a snapshot: all that EpochRule.count_kept reads of one
-    hashes: np.ndarray
-    scores: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.hashes)
-
-
-def next_epoch_pruning(snap: ScoreSnapshot, ratio: float, seed: int = 0) -> dict[str, Any]:
+def next_epoch_pruning(snap: ScoreSnapshot, prune_ratio: float, seed: int = 0) -> dict[str, Any]:
     """How many of the snapshot's keys InfoBatch prunes in the following epoch: exact and expected.
+
+    Counted by ``plan_epoch``, as ``InfoBatch.plan()`` counts.
 
     >>> next_epoch_pruning(store.snapshot(), 0.5)["pruned"]  # doctest: +SKIP
     3110
     """
     epoch = 0 if snap.epoch is None else snap.epoch + 1
     # The store does not know the run's num_epochs: count as a pruning (not annealing) epoch.
-    policy = InfoBatchPolicy(num_epochs=epoch + 1, prune_ratio=ratio, delta=1.0, seed=seed)
-    rule = policy.rule(epoch, snap)
+    policy = InfoBatchPolicy(num_epochs=epoch + 1, prune_ratio=prune_ratio, delta=1.0, seed=seed)
+    plan = plan_epoch(policy, epoch, snap)
     n = len(snap)
-    kept = 0
-    for start in tqdm(range(0, n, _CHUNK), desc="exact count", unit="chunk", leave=False,
-                      disable=None if n >= _PROGRESS_KEYS else True):
-        kept += rule.count_kept(_Rows(snap.hashes[start:start + _CHUNK],
-                                      snap.scores[start:start + _CHUNK]))
     below = int(np.count_nonzero(snap.scores < np.float64(snap.mean))) if n else 0
-    return {"epoch": epoch, "prune_ratio": ratio, "seed": seed, "threshold": rule.threshold,
-            "pruned": n - kept, "kept": kept, "pruned_expected": ratio * below,
-            "saved_fraction_expected": ratio * below / n if n else 0.0}
+    return {"epoch": epoch, "prune_ratio": prune_ratio, "seed": seed,
+            "threshold": plan.rule.threshold, "pruned": plan.pruned, "kept": plan.kept_known,
+            "pruned_expected": prune_ratio * below,
+            "saved_fraction_expected": prune_ratio * below / n if n else 0.0}
 
 
 def _g(value: float | None) -> str:
@@ -249,11 +220,11 @@ def _g(value: float | None) -> str:
 
 def _format(report: dict[str, Any]) -> str:
     rows = report["epochs"]
-    lines = [f"store {report['store']}: {len(rows)} retained epoch(s), latest "
-             f"{_g(report['latest_epoch'])}"]
+    lines = [(f"store {report['store']}: {len(rows)} retained epoch(s), latest "
+              f"{_g(report['latest_epoch'])}")]
     if rows:
-        lines.append(f"{'epoch':>6} {'keys':>12} {'updated':>12} {'new keys':>12} {'duplicates':>10} "
-                     f"{'rejected':>9} {'mean':>11}  {'created_at':<25} run_id")
+        lines.append(f"{'epoch':>6} {'keys':>12} {'updated':>12} {'new keys':>12} "
+                     f"{'duplicates':>10} {'rejected':>9} {'mean':>11}  {'created_at':<25} run_id")
         lines += [f"{r['epoch']:>6} {r['keys']:>12,} {r['updated']:>12,} {r['new_keys']:>12,} "
                   f"{r['duplicates']:>10,} {r['rejected_nonfinite']:>9,} {_g(r['mean']):>11}  "
                   f"{r['created_at']:<25} {r['run_id'] or '-'}" for r in rows]
@@ -283,17 +254,20 @@ def _format(report: dict[str, Any]) -> str:
 
 # -- export and plot -------------------------------------------------------------------------
 
-def _write_atomically(out: str, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` next to ``out``, then rename: a reader never sees a partial file."""
-    tmp = fsio.local_tmp_name(os.path.abspath(out))
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise CliError(f"{out}: cannot write ({exc})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _write_output(out: str, args: argparse.Namespace, write: Callable[[str], None]) -> None:
+    """``write(local file)``, then put it at ``out`` (a path or any fsspec URL, with the
+    ``--storage-option``s) whole: renamed into place on a disk, one PUT on an object store."""
+    with tempfile.TemporaryDirectory(prefix="infobatch-stream-") as work:
+        local = os.path.join(work, "out")
+        write(local)
+        try:
+            fs, path = fsio.open_fs(out, dict(args.storage_options))
+            target = fsio.local_path(fs, path)
+            if target is not None and not os.path.isdir(os.path.dirname(target) or "."):
+                raise FileNotFoundError(f"no directory {os.path.dirname(target)}")
+            fsio.put_file(fs, local, path)
+        except (OSError, ValueError) as exc:
+            raise CliError(f"{out}: cannot write ({type(exc).__name__}: {exc})") from None
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -305,7 +279,7 @@ def _export(args: argparse.Namespace) -> int:
     snap = store.snapshot(args.epoch)
     meta = {"store": args.url, "epoch": snap.epoch, "mean": snap.mean}
     table = snap.to_arrow().replace_schema_metadata({"infobatch_stream": json.dumps(meta)})
-    _write_atomically(args.out, lambda tmp: pq.write_table(table, tmp))
+    _write_output(args.out, args, lambda tmp: pq.write_table(table, tmp))
     print(f"wrote {len(snap):,} keys of epoch {snap.epoch} to {args.out}")
     return 0
 
@@ -327,7 +301,7 @@ def _plot(args: argparse.Namespace) -> int:
     fig = Figure(figsize=(7, 0.6 + 2.0 * len(snaps)), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(snaps), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, snap in zip(axes, snaps):
+    for ax, snap in zip(axes, snaps, strict=True):
         ax.set_ylabel("keys")
         if not len(snap):
             ax.set_title(f"epoch {snap.epoch}: no scores", fontsize=10)
@@ -341,6 +315,6 @@ def _plot(args: argparse.Namespace) -> int:
         ax.set_title(f"epoch {snap.epoch}: {len(snap):,} keys, {below:.1%} below the mean",
                      fontsize=10)
     axes[-1].set_xlabel("score (last loss)")
-    _write_atomically(args.out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    _write_output(args.out, args, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     print(f"wrote histograms of epochs {', '.join(map(str, epochs))} to {args.out}")
     return 0

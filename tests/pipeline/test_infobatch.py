@@ -222,15 +222,15 @@ def test_a_restart_finishes_the_clean_up_of_a_commit_killed_after_its_manifest(t
                                                                                 monkeypatch):
     """The epoch is committed, so a restarted job never commits it again; ``epochs()`` finishes
     its clean-up before training on (here the killed commit was the run's last epoch)."""
-    from infobatch_stream.storage import ScoreStore
+    from infobatch_stream.storage import retention
 
     ib = ibs.InfoBatch(tmp_path / "store", num_epochs=2)
     for epoch in ib.epochs():
         ib.update(torch.ones(2), ["a", "b"])
         if epoch == 1:
-            def killed(self, *args, **kwargs):  # dies right after writing the manifest
+            def killed(*args, **kwargs):  # dies right after writing the manifest
                 raise KeyboardInterrupt
-            monkeypatch.setattr(ScoreStore, "_retain", killed)
+            monkeypatch.setattr(retention, "retain", killed)
             with pytest.raises(KeyboardInterrupt):
                 ib.end_epoch()
             break

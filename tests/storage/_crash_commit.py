@@ -30,7 +30,7 @@ from tests.storage._storage_only import assert_storage_only, import_storage
 storage = import_storage()
 from infobatch_stream.storage import cache, fsio  # noqa: E402
 from infobatch_stream.storage import retention  # noqa: E402
-from infobatch_stream.storage import store as store_module  # noqa: E402
+from infobatch_stream.storage import commit as commit_module  # noqa: E402
 
 
 def child(request: dict) -> None:
@@ -63,7 +63,7 @@ def child(request: dict) -> None:
     fsio.get_file = get_file_then_step
     # The OS steps behind them, seen only by the modules that persist things.
     for module, names in ((fsio, ("link", "replace", "unlink", "rename", "rmdir")),
-                          (store_module, ("replace", "rmdir", "unlink")),
+                          (commit_module, ("replace", "rmdir", "unlink")),
                           (retention, ("rmdir", "unlink")),
                           (cache, ("replace", "unlink"))):
         proxy = types.SimpleNamespace(**{k: getattr(os, k) for k in dir(os) if not k.startswith("__")})

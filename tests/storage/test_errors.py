@@ -91,17 +91,18 @@ def test_another_rank_creating_the_store_between_our_checks_is_not_a_foreign_url
     delta. Rank 0 must see a store being created, not "files and no marker" (torchrun on S3
     failed this way under load)."""
     ours, theirs = backend.open(), backend.open()
-    listed = ours._list
+    listed = ours.files.list
 
     def list_after_the_other_rank_wrote(directory):
+        ours.files.list = listed  # once: the listing that follows the missing marker
         with theirs.writer(0, rank=1) as writer:
             writer.record(["b"], [2.0])
         return listed(directory)
 
-    ours._list = list_after_the_other_rank_wrote
+    ours.files.list = list_after_the_other_rank_wrote
     with ours.writer(0, rank=0) as writer:
         writer.record(["a"], [1.0])
-    ours._list = listed
+    assert ours.files.list == listed  # the race was staged
     ours.commit(0)
     assert backend.open().snapshot(0).lookup(["a", "b"]).tolist() == [1.0, 2.0]
 

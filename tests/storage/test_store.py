@@ -380,7 +380,7 @@ def test_a_committer_whose_deltas_the_winners_retention_removed(backend: Backend
     while this one is still reading them. This one must not fail on a missing file (it did,
     or reported the vanished delta as damage): it returns the winner's manifest, or raises
     OwnershipError when the winner is another run."""
-    from infobatch_stream.storage import OwnershipError, store as store_module
+    from infobatch_stream.storage import OwnershipError, commit as commit_module
 
     ours, theirs = runs
     store = backend.open()
@@ -389,7 +389,7 @@ def test_a_committer_whose_deltas_the_winners_retention_removed(backend: Backend
     with store.writer(0, rank=1, run_id=theirs) as writer:
         writer.record(["b"], [2.0])
     rival = backend.open()
-    real_open = store_module.open_delta
+    real_open = commit_module.open_delta
     raced = []
 
     def open_after_the_rival_committed(path, epoch):
@@ -398,7 +398,7 @@ def test_a_committer_whose_deltas_the_winners_retention_removed(backend: Backend
             raced[0] = rival.commit(0, run_id=theirs)
         return real_open(path, epoch)
 
-    monkeypatch.setattr(store_module, "open_delta", open_after_the_rival_committed)
+    monkeypatch.setattr(commit_module, "open_delta", open_after_the_rival_committed)
     if ours == theirs:
         assert store.commit(0, run_id=ours) == raced[0]
     else:

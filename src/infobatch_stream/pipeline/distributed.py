@@ -8,7 +8,8 @@ is broadcast, and every rank raises the same error.
 from __future__ import annotations
 
 import traceback
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -73,11 +74,6 @@ def on_rank_zero(fn: Callable[[], T], what: str) -> T | None:
             raise error
         raise DistributedError(f"{what} failed on rank 0: {box[0]}")
     return result
-
-
-def barrier() -> None:
-    if active():
-        dist.barrier()
 
 
 def all_min(value: int) -> int:

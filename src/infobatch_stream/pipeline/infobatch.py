@@ -16,25 +16,34 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from webdataset.handlers import reraise_exception
 
 from ..stages.keyfn import KeyFunction, resolve_key, sample_key
+from ..stages.plan import EpochPlan, plan_epoch
 from ..stages.policy import InfoBatchPolicy, PruningPolicy, RandomPolicy
 from ..stages.prune import DEFAULT_WINDOW, epoch_to_train, lookup_scores, soft_prune
 from ..storage import Manifest, ScoreSnapshot, ScoreStore, hash_keys
-from ..storage.store import check_owner
-from ..storage.writer import check_flush_rows
+from ..storage.checks import check_int
 from . import distributed
-from .planning import EpochPlan, StepPlan, plan_epoch, plan_steps
+from .planning import StepPlan, plan_steps
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 POLICIES = {"infobatch": InfoBatchPolicy, "random": RandomPolicy}
+
+
+def _check_policy(policy: Any) -> None:
+    """A policy object must offer everything ``PruningPolicy`` declares: its callers use all of it."""
+    if not isinstance(policy, PruningPolicy):
+        raise TypeError(f"policy must be 'infobatch', 'random' or an object implementing "
+                        f"infobatch_stream.PruningPolicy (rule, anneals, settings, prune_ratio, "
+                        f"annealing_start), got {policy!r}")
 
 
 def launcher_run_id() -> str | None:
@@ -69,10 +78,10 @@ class InfoBatch:
     50000
     """
 
-    def __init__(self, store: "ScoreStore | str", num_epochs: int, prune_ratio: float = 0.5,
-                 delta: float = 0.875, seed: int = 0, key: "str | KeyFunction | None" = None,
+    def __init__(self, store: ScoreStore | str, num_epochs: int, prune_ratio: float = 0.5,
+                 delta: float = 0.875, seed: int = 0, key: str | KeyFunction | None = None,
                  storage_options: dict[str, Any] | None = None, *,
-                 policy: "str | PruningPolicy" = "infobatch", cache_dir: str | None = None,
+                 policy: str | PruningPolicy = "infobatch", cache_dir: str | None = None,
                  window: int = DEFAULT_WINDOW, run_id: str | None = None,
                  takeover: bool = False, flush_rows: int = 1 << 18):
         self.store = store if isinstance(store, ScoreStore) else ScoreStore(
@@ -82,23 +91,18 @@ class InfoBatch:
                 raise ValueError(f"policy must be one of {sorted(POLICIES)} or a policy object, "
                                  f"got {policy!r}")
             policy = POLICIES[policy](num_epochs, prune_ratio, delta, seed)
-        elif not hasattr(policy, "rule"):
-            raise TypeError(f"policy must have a rule(epoch, snapshot) method, got {policy!r}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be an int >= 1, got {window!r}")
-        if isinstance(num_epochs, bool) or not isinstance(num_epochs, (int, np.integer)) \
-                or num_epochs < 1:
-            raise ValueError(f"num_epochs must be an int >= 1, got {num_epochs!r}")
+        else:
+            _check_policy(policy)
         if run_id is not None and (not isinstance(run_id, str) or not run_id):
             raise ValueError(f"run_id must be a non-empty str or None, got {run_id!r}")
-        self.num_epochs = int(num_epochs)
+        self.num_epochs = check_int(num_epochs, "num_epochs", 1)
         self.policy = policy
         self.key = resolve_key(key)
-        self.window = window
+        self.window = check_int(window, "window", 1, numpy=False)
         self._run_id_given = run_id is not None
         self.run_id = run_id if run_id is not None else launcher_run_id()
         self.takeover = bool(takeover)
-        self.flush_rows = check_flush_rows(flush_rows)
+        self.flush_rows = check_int(flush_rows, "flush_rows", 1)
         self._epoch: int | None = None        # the epoch in progress, None between epochs
         self._writer = None
         self._rule_cache: tuple | None = None  # (epoch, snapshot, rule) for update()'s weights
@@ -139,7 +143,7 @@ class InfoBatch:
     def _begin_epoch(self) -> int:
         if self._epoch is None:
             # Fail before an epoch of training, not at its commit, if another run owns the store.
-            check_owner(self.store.url, self.store.manifest(), self.run_id, self.takeover)
+            self.store.check_owner(self.run_id, self.takeover)
             self._epoch = self.epoch
             self._writer = self.store.writer(self._epoch, rank=distributed.rank(),
                                              flush_rows=self.flush_rows, run_id=self.run_id,
@@ -328,10 +332,7 @@ class InfoBatch:
     # -- checkpoints -----------------------------------------------------------------------
 
     def _settings(self) -> dict[str, Any]:
-        policy = self.policy
-        return {"num_epochs": self.num_epochs, "policy": type(policy).__name__,
-                "prune_ratio": getattr(policy, "prune_ratio", None),
-                "delta": getattr(policy, "delta", None), "seed": getattr(policy, "seed", None)}
+        return {"num_epochs": self.num_epochs, **self.policy.settings()}
 
     def state_dict(self) -> dict[str, Any]:
         """A small JSON-able state for the checkpoint: settings, epoch, step budget, run id.

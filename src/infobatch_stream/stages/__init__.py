@@ -1,6 +1,11 @@
-"""webdataset stages: key -> last score -> keep/drop -> weight, and the pruning policies."""
+"""webdataset stages: key -> last score -> keep/drop -> weight, and the pruning policies.
 
-from .policy import EpochRule, InfoBatchPolicy, PruningPolicy, RandomPolicy, annealing_start, uniform_draws
+This package's face loads only numpy (the policies and epoch counting, which the CLI uses);
+the stages themselves (``stages.prune``) and shard URLs (``stages.urls``) load webdataset.
+"""
 
-__all__ = ["EpochRule", "InfoBatchPolicy", "PruningPolicy", "RandomPolicy", "annealing_start",
-           "uniform_draws"]
+from .plan import EpochPlan, plan_epoch
+from .policy import EpochRule, InfoBatchPolicy, PruningPolicy, RandomPolicy, annealing_start
+
+__all__ = ["EpochPlan", "EpochRule", "InfoBatchPolicy", "PruningPolicy", "RandomPolicy",
+           "annealing_start", "plan_epoch"]

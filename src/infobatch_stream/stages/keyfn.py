@@ -9,7 +9,8 @@ counted by the store (``inspect`` shows them): they mean keys collide.
 from __future__ import annotations
 
 import posixpath
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..storage import hash_keys
 
@@ -71,7 +72,7 @@ def key_hash(sample: dict, key: KeyFunction) -> int:
         raise type(exc)(f"the key of a sample of shard {url}: {exc}") from None
 
 
-def resolve_key(key: "str | KeyFunction | None") -> KeyFunction:
+def resolve_key(key: str | KeyFunction | None) -> KeyFunction:
     """``None``/``"key"`` -> sample_key; ``"shard"`` -> shard_key; a callable as it is."""
     if key is None or key == "key":
         return sample_key

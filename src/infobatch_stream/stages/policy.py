@@ -20,16 +20,20 @@ import functools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+from tqdm import tqdm
 
 from ..storage import ScoreSnapshot
+from ..storage.checks import check_int, check_number
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _MASK = (1 << 64) - 1
+_COUNT_CHUNK = 1 << 20  # keys decided at a time when counting a whole snapshot
+_PROGRESS_KEYS = 50_000_000  # below this an exact count takes about a second: no progress bar
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -61,16 +65,11 @@ def uniform_draws(hashes: np.ndarray, seed: int, epoch: int) -> np.ndarray:
 
 
 def check_prune_ratio(prune_ratio: float) -> float:
-    if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float)) \
-            or not 0 <= prune_ratio < 1:
-        raise ValueError(f"prune_ratio must be a number in [0, 1), got {prune_ratio!r}")
-    return float(prune_ratio)
+    return check_number(prune_ratio, "prune_ratio", 0, 1, high_open=True)
 
 
 def check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 1 << 64:
-        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
-    return int(seed)
+    return check_int(seed, "seed", 0, (1 << 64) - 1)
 
 
 def annealing_start(num_epochs: int, delta: float) -> int:
@@ -79,12 +78,10 @@ def annealing_start(num_epochs: int, delta: float) -> int:
     >>> annealing_start(100, 0.29), annealing_start(10, 0.875), annealing_start(3, 1.0)
     (29, 8, 3)
     """
-    if isinstance(num_epochs, bool) or not isinstance(num_epochs, (int, np.integer)) or num_epochs < 1:
-        raise ValueError(f"num_epochs must be an int >= 1, got {num_epochs!r}")
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 <= delta <= 1:
-        raise ValueError(f"delta must be a number in [0, 1], got {delta!r}")
+    num_epochs = check_int(num_epochs, "num_epochs", 1)
+    delta = check_number(delta, "delta", 0, 1)
     # The shortest decimal that reads back as ``delta`` is what the user wrote.
-    return math.floor(Fraction(repr(float(delta))) * int(num_epochs))
+    return math.floor(Fraction(repr(delta)) * num_epochs)
 
 
 @dataclass(frozen=True)
@@ -127,22 +124,54 @@ class EpochRule:
         # float64: exactly "below the mean"; NaN (unseen) compares False, so it is always kept
         return scores < np.float64(self.threshold)
 
-    def count_kept(self, snapshot: ScoreSnapshot, chunk: int = 1 << 20) -> int:
+    def count_kept(self, snapshot: ScoreSnapshot) -> int:
         """Exactly how many of the snapshot's keys this rule keeps (vectorized, in chunks)."""
         if not self.prunes:
             return len(snapshot)
         kept = 0
-        for start in range(0, len(snapshot), chunk):
+        n, chunk = len(snapshot), _COUNT_CHUNK
+        for start in tqdm(range(0, n, chunk), desc=f"count epoch {self.epoch}", unit="chunk",
+                          leave=False, disable=None if n >= _PROGRESS_KEYS else True):
             stop = start + chunk
             w = self.weights(snapshot.hashes[start:stop], snapshot.scores[start:stop])
             kept += int(np.count_nonzero(w))
         return kept
 
 
+@runtime_checkable
 class PruningPolicy(Protocol):
-    """Anything that can make the rule of an epoch from the previous epoch's snapshot."""
+    """What the stage, the planner and checkpoints ask of a pruning policy.
 
-    def rule(self, epoch: int, snapshot: ScoreSnapshot) -> EpochRule: ...
+    Implement it to prune another way: ``rule`` decides an epoch from the previous epoch's
+    snapshot; the rest lets a run plan its steps before any score exists and refuse a
+    checkpoint or store made with other settings.
+
+    >>> policy: PruningPolicy = InfoBatchPolicy(num_epochs=10, prune_ratio=0.3)
+    >>> policy.annealing_start, policy.anneals(9), policy.settings()["prune_ratio"]
+    (8, True, 0.3)
+    """
+
+    @property
+    def prune_ratio(self) -> float:
+        """The chance a candidate is dropped (plans use it before any score exists)."""
+        ...
+
+    @property
+    def annealing_start(self) -> int:
+        """The first epoch that trains on all data with weight 1."""
+        ...
+
+    def anneals(self, epoch: int) -> bool:
+        """Whether ``epoch`` trains on all data with weight 1."""
+        ...
+
+    def rule(self, epoch: int, snapshot: ScoreSnapshot) -> EpochRule:
+        """The rule deciding every sample of ``epoch`` from the snapshot of ``epoch - 1``."""
+        ...
+
+    def settings(self) -> dict[str, Any]:
+        """JSON-able values that determine every decision (a run refuses others)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -164,6 +193,15 @@ class _ScheduledPolicy:
         """The first epoch that trains on all data with weight 1."""
         return annealing_start(self.num_epochs, self.delta)
 
+    def anneals(self, epoch: int) -> bool:
+        """Whether ``epoch`` trains on all data with weight 1."""
+        return epoch >= self.annealing_start
+
+    def settings(self) -> dict[str, Any]:
+        """The policy's name and fields: every decision follows from them."""
+        return {"policy": type(self).__name__, "num_epochs": self.num_epochs,
+                "prune_ratio": self.prune_ratio, "delta": self.delta, "seed": self.seed}
+
 
 @dataclass(frozen=True)
 class InfoBatchPolicy(_ScheduledPolicy):
@@ -174,7 +212,7 @@ class InfoBatchPolicy(_ScheduledPolicy):
     """
 
     def rule(self, epoch: int, snapshot: ScoreSnapshot) -> EpochRule:
-        if epoch >= self.annealing_start or snapshot.mean is None or self.prune_ratio == 0:
+        if self.anneals(epoch) or snapshot.mean is None or self.prune_ratio == 0:
             return EpochRule(epoch, self.seed, None, 0.0)
         return EpochRule(epoch, self.seed, float(snapshot.mean), self.prune_ratio,
                          "below_threshold", 1.0 / (1.0 - self.prune_ratio))
@@ -189,7 +227,7 @@ class RandomPolicy(_ScheduledPolicy):
     """
 
     def rule(self, epoch: int, snapshot: ScoreSnapshot) -> EpochRule:
-        if epoch >= self.annealing_start or not len(snapshot):
+        if self.anneals(epoch) or not len(snapshot):
             return EpochRule(epoch, self.seed, None, 0.0, "known")
         below = np.count_nonzero(snapshot.scores < np.float64(snapshot.mean)) / len(snapshot)
         return EpochRule(epoch, self.seed, None, self.prune_ratio * below, "known", 1.0)

@@ -17,21 +17,26 @@ Fields added to each sample that passes:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from itertools import compress, islice
 from operator import itemgetter
-from typing import Iterable, Iterator
 
 import numpy as np
 from webdataset.filters import pipelinefilter
 from webdataset.handlers import reraise_exception
 
 from ..storage import ScoreSnapshot, ScoreStore, hash_keys
+from . import urls
 from .keyfn import KeyFunction, key_hash, sample_key
 from .policy import EpochRule, PruningPolicy
 
-# Samples decided together. Larger amortises the window's numpy calls (against a 1M-key
-# snapshot the stage alone ran at ~1.1M samples/s at 256, ~0.8M at 64: bench/stage.py,
-# 2026-11-28); smaller holds fewer raw samples per worker (256 JPEGs of 100 KB are 25 MB).
+# A DataLoader worker started with "spawn" imports this module to unpickle the stage: it
+# then reads the same shard URLs as its parent.
+urls.register_fsspec_schemes()
+
+# Samples decided together. Larger amortises the window's numpy calls; smaller holds fewer
+# raw samples per worker (256 JPEGs of 100 KB are 25 MB). docs/benchmark-findings.md has
+# the throughput measured at several sizes.
 DEFAULT_WINDOW = 256
 # The default key's C-level equivalent, for the fast path; a KeyError from it sends the
 # window to the slow path, where ``sample_key`` raises its explanatory error.
@@ -100,7 +105,8 @@ def _lookup_scores(data, store: ScoreStore, key: KeyFunction = sample_key,
     _, snapshot = epoch_to_train(store)
     for samples, hashes in _windows(data, key, window, handler):
         scores = snapshot.lookup(hashes)
-        for sample, score, signed in zip(samples, scores.tolist(), hashes.view(np.int64).tolist()):
+        for sample, score, signed in zip(samples, scores.tolist(), hashes.view(np.int64).tolist(),
+                                         strict=True):
             sample["__score__"] = score
             sample["__key_hash__"] = signed
         yield from samples
@@ -119,7 +125,7 @@ def _soft_prune(data, store: ScoreStore, policy: PruningPolicy, key: KeyFunction
             samples = list(compress(samples, kept.tolist()))
             hashes, scores, weights = hashes[kept], scores[kept], weights[kept]
         for sample, score, weight, signed in zip(samples, scores.tolist(), weights.tolist(),
-                                                 hashes.view(np.int64).tolist()):
+                                                 hashes.view(np.int64).tolist(), strict=True):
             sample["__score__"] = score
             sample["__weight__"] = weight
             sample["__key_hash__"] = signed

@@ -1,19 +1,24 @@
 """The persistent score store: snapshots, deltas, commits and the per-machine cache.
 
 Knows nothing of torch or webdataset; everything is numpy, Arrow IPC, JSON and fsspec.
+Modules, from the bottom up: ``layout`` (names and manifests), ``files`` (the one owner of
+file access), ``tables`` and ``snapshot`` (Arrow files), ``writer`` (deltas), ``reader``
+(whole epochs), ``merge``, ``commit`` and ``retention`` (the commit protocol), and
+``store`` (``ScoreStore``, the face of all of them).
 """
 
-from .errors import (CorruptStoreError, NotAStoreError, OwnershipError, StoreError,
-                     StoreUnavailableError)
+from .errors import CorruptStoreError, NotAStoreError, OwnershipError, StoreError, StoreUnavailableError
 from .keys import KEY_HASH_NAME, hash_key, hash_keys
 from .layout import Manifest
+from .options import parse_storage_options, storage_option
+from .reader import StoreReader
 from .retry import RetryPolicy
 from .snapshot import ScoreSnapshot
 from .store import ScoreStore
 from .writer import DeltaWriter
 
 __all__ = [
-    "KEY_HASH_NAME", "CorruptStoreError", "DeltaWriter", "Manifest", "NotAStoreError", "OwnershipError",
-    "RetryPolicy", "ScoreSnapshot", "ScoreStore", "StoreError", "StoreUnavailableError", "hash_key",
-    "hash_keys",
+    "KEY_HASH_NAME", "CorruptStoreError", "DeltaWriter", "Manifest", "NotAStoreError",
+    "OwnershipError", "RetryPolicy", "ScoreSnapshot", "ScoreStore", "StoreError", "StoreReader",
+    "StoreUnavailableError", "hash_key", "hash_keys", "parse_storage_options", "storage_option",
 ]

@@ -20,6 +20,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .checks import check_int
+
 FORMAT = "infobatch-stream/1"
 MARKER = "infobatch-store.json"
 MANIFESTS = "manifests"
@@ -72,17 +74,11 @@ def is_delta_name(relpath: str, epoch: int) -> bool:
 
 
 def check_epoch(epoch: Any, what: str = "epoch") -> int:
-    if isinstance(epoch, bool) or not isinstance(epoch, int):
-        raise TypeError(f"{what} must be an int, got {type(epoch).__name__}")
-    if not 0 <= epoch <= MAX_EPOCH:
-        raise ValueError(f"{what} must be in [0, {MAX_EPOCH}], got {epoch}")
-    return epoch
+    return check_int(epoch, what, 0, MAX_EPOCH, numpy=False)
 
 
 def check_rank(rank: Any) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= 99_999:
-        raise ValueError(f"rank must be an int in [0, 99999], got {rank!r}")
-    return rank
+    return check_int(rank, "rank", 0, 99_999, numpy=False)
 
 
 @dataclass(frozen=True)
@@ -117,7 +113,7 @@ class Manifest:
         return json.dumps(data, indent=1, sort_keys=True, allow_nan=False).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes) -> "Manifest":
+    def from_json(cls, raw: bytes) -> Manifest:
         """Parse and check a manifest; ValueError says what is wrong with it."""
         data = strict_json(raw)
         if not isinstance(data, dict):
@@ -156,7 +152,7 @@ class Manifest:
         run_id = data.get("run_id")
         if run_id is not None and not isinstance(run_id, str):
             raise ValueError("field 'run_id' must be a string or null")
-        known = {f for f in cls.__dataclass_fields__}
+        known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known} | {"deltas": tuple(deltas),
                    "mean": None if mean is None else float(mean),
                    "score_sum": float(data["score_sum"])})

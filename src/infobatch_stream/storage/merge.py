@@ -76,6 +76,63 @@ def _row_reader(table: TableFile | None, columns: dict[str, np.ndarray], stack: 
     return lambda name, lo, hi: table.read_rows(fd, name, lo, hi) if hi > lo else columns[name][:0]
 
 
+class _Output:
+    """The growing output columns and the figures of the merge so far."""
+
+    def __init__(self, upper: int, epoch: int):
+        self.hash = np.empty(upper, np.uint64)
+        self.score = np.empty(upper, np.float32)
+        self.epoch_col = np.empty(upper, np.uint32)
+        self.epoch = epoch
+        self.rows = 0
+        self.score_sum = 0.0
+        self.new_keys = 0
+
+    def overlay(self, old_rows, lo: int, hi: int, new_hash: np.ndarray, new_score: np.ndarray) -> None:
+        """Append the old rows ``lo:hi`` with the range's updates laid over them.
+
+        The old rows are read straight into the output; when the epoch brings no new key in
+        this range (every epoch after the first, usually) they stay there and the updates
+        are scattered over them.
+        """
+        rows, epoch = self.rows, self.epoch
+        end = rows + (hi - lo)
+        self.hash[rows:end] = old_rows("hash", lo, hi)
+        old_hash = self.hash[rows:end]
+        pos = np.searchsorted(old_hash, new_hash)
+        present = pos < len(old_hash)
+        present[present] = old_hash[pos[present]] == new_hash[present]
+        if present.all():
+            self.score[rows:end] = old_rows("score", lo, hi)
+            self.epoch_col[rows:end] = old_rows("epoch", lo, hi)
+            self.score[rows + pos] = new_score
+            self.epoch_col[rows + pos] = epoch
+        else:
+            score = np.array(old_rows("score", lo, hi))  # a private, writable copy
+            last_epoch = np.array(old_rows("epoch", lo, hi))
+            score[pos[present]] = new_score[present]
+            last_epoch[pos[present]] = epoch
+            absent = ~present
+            insert_at = pos[absent]
+            self.new_keys += len(insert_at)
+            merged_hash = np.insert(old_hash, insert_at, new_hash[absent])
+            end = rows + len(merged_hash)
+            self.hash[rows:end] = merged_hash
+            self.score[rows:end] = np.insert(score, insert_at, new_score[absent])
+            self.epoch_col[rows:end] = np.insert(last_epoch, insert_at, np.uint32(epoch))
+        self.score_sum += float(self.score[rows:end].sum(dtype=np.float64))
+        self.rows = end
+
+
+def _range_updates(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, int]:
+    """One range's updates from every delta, one per key, last write winning: (hash, score, dups)."""
+    if len(parts) == 1:  # one delta file: already sorted, one row per key
+        return parts[0][0], parts[0][1], 0
+    new_hash = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.uint64)
+    new_score = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.float32)
+    return last_write_wins(new_hash, new_score)
+
+
 def merge_snapshot(previous: ScoreSnapshot, deltas: list[TableFile], epoch: int, out_path: str,
                    ) -> MergeResult:
     """Write the snapshot of ``epoch`` to the local file ``out_path``; deltas in write order."""
@@ -83,12 +140,8 @@ def merge_snapshot(previous: ScoreSnapshot, deltas: list[TableFile], epoch: int,
     ranges = max(1, -(-upper // _ROWS_PER_RANGE))
     # Interior range boundaries, evenly spaced over the 64-bit hash space.
     bounds = np.array([(i << 64) // ranges for i in range(1, ranges)], np.uint64)
-    out_hash = np.empty(upper, np.uint64)
-    out_score = np.empty(upper, np.float32)
-    out_epoch = np.empty(upper, np.uint32)
-    rows = 0
-    score_sum = 0.0
-    updated = new_keys = 0
+    out = _Output(upper, epoch)
+    updated = 0
     duplicates = sum(int(d.meta.get("duplicates", 0)) for d in deltas)
     rejected = sum(int(d.meta.get("rejected_nonfinite", 0)) for d in deltas)
 
@@ -98,53 +151,19 @@ def merge_snapshot(previous: ScoreSnapshot, deltas: list[TableFile], epoch: int,
         delta_rows = [_row_reader(d, d.columns, stack) for d in deltas]
         old_starts = _range_starts(old_rows, len(previous), bounds)
         delta_starts = [_range_starts(read, len(d.columns["hash"]), bounds)
-                        for read, d in zip(delta_rows, deltas)]
+                        for read, d in zip(delta_rows, deltas, strict=True)]
         for r in tqdm(range(ranges), desc=f"commit epoch {epoch}", unit="range", leave=False,
                       disable=None if upper > 5_000_000 else True):
-            lo, hi = int(old_starts[r]), int(old_starts[r + 1])
             parts = [(read("hash", s[r], s[r + 1]), read("score", s[r], s[r + 1]))
-                     for read, s in zip(delta_rows, delta_starts) if s[r + 1] > s[r]]
-            if len(parts) == 1:  # one delta file: already sorted, one row per key
-                new_hash, new_score = parts[0]
-            else:
-                new_hash = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.uint64)
-                new_score = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.float32)
-                new_hash, new_score, dups = last_write_wins(new_hash, new_score)
-                duplicates += dups
+                     for read, s in zip(delta_rows, delta_starts, strict=True) if s[r + 1] > s[r]]
+            new_hash, new_score, dups = _range_updates(parts)
+            duplicates += dups
             updated += len(new_hash)
+            out.overlay(old_rows, int(old_starts[r]), int(old_starts[r + 1]), new_hash, new_score)
 
-            # The old rows are read straight into the output; when the epoch brings no new
-            # key in this range (every epoch after the first, usually) they stay there and
-            # the updates are scattered over them.
-            end = rows + (hi - lo)
-            out_hash[rows:end] = old_rows("hash", lo, hi)
-            old_hash = out_hash[rows:end]
-            pos = np.searchsorted(old_hash, new_hash)
-            present = pos < len(old_hash)
-            present[present] = old_hash[pos[present]] == new_hash[present]
-            if present.all():
-                out_score[rows:end] = old_rows("score", lo, hi)
-                out_epoch[rows:end] = old_rows("epoch", lo, hi)
-                out_score[rows + pos] = new_score
-                out_epoch[rows + pos] = epoch
-            else:
-                score = np.array(old_rows("score", lo, hi))  # a private, writable copy
-                last_epoch = np.array(old_rows("epoch", lo, hi))
-                score[pos[present]] = new_score[present]
-                last_epoch[pos[present]] = epoch
-                absent = ~present
-                insert_at = pos[absent]
-                new_keys += len(insert_at)
-                merged_hash = np.insert(old_hash, insert_at, new_hash[absent])
-                end = rows + len(merged_hash)
-                out_hash[rows:end] = merged_hash
-                out_score[rows:end] = np.insert(score, insert_at, new_score[absent])
-                out_epoch[rows:end] = np.insert(last_epoch, insert_at, np.uint32(epoch))
-            score_sum += float(out_score[rows:end].sum(dtype=np.float64))
-            rows = end
-
+    rows, score_sum = out.rows, out.score_sum
     mean = score_sum / rows if rows else None
     meta = {"kind": "snapshot", "epoch": epoch, "mean": mean, "score_sum": score_sum}
-    columns = [out_hash[:rows], out_score[:rows], out_epoch[:rows]]
+    columns = [out.hash[:rows], out.score[:rows], out.epoch_col[:rows]]
     digest = write_table_file(out_path, SNAPSHOT_SCHEMA, columns, meta)
-    return MergeResult(rows, score_sum, updated, new_keys, duplicates, rejected, digest)
+    return MergeResult(rows, score_sum, updated, out.new_keys, duplicates, rejected, digest)

@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
 
 from . import cache, fsio, layout
+from .checks import first_names
 from .errors import StoreError
 from .layout import Manifest
-
-if TYPE_CHECKING:
-    from .store import ScoreStore
+from .reader import StoreReader
 
 log = logging.getLogger(__name__)
 
 
-def retain(store: "ScoreStore", manifest: Manifest, started: float) -> None:
+def retain(store: StoreReader, manifest: Manifest, started: float) -> None:
     """After a commit: drop the deltas of committed epochs, old epochs beyond
     ``keep_snapshots``, orphaned snapshots and the stale temporaries of killed steps."""
     epochs = store.epochs
@@ -45,29 +43,28 @@ def retain(store: "ScoreStore", manifest: Manifest, started: float) -> None:
     for epoch in epochs:
         if epoch not in retained:
             # The manifest goes first: a manifest never names a missing snapshot.
-            store._remove(layout.manifest_name(epoch))
+            store.files.remove(layout.manifest_name(epoch))
     referenced = {m.snapshot for m in retained.values()}
-    for name in store._list(store._path(layout.SNAPSHOTS)):
+    for name in store.files.list(layout.SNAPSHOTS):
         relpath = f"{layout.SNAPSHOTS}/{name}"
         file_epoch = layout.snapshot_epoch(relpath)
         if file_epoch is not None and file_epoch <= manifest.epoch and relpath not in referenced:
-            store._remove(relpath)
+            store.files.remove(relpath)
     if store.local_root is not None:
         # Killed writes and commits leave temporaries only on a local disk (an object
         # store makes a PUT visible whole); none of this job's own is live now.
         for directory in ("", layout.SNAPSHOTS, layout.MANIFESTS):
             fsio.sweep_temporaries(os.path.join(store.root, directory), started)
     else:
-        directory = cache.store_cache_dir(store.cache_dir, store.fs, store.root)
-        cache.evict(directory, {r.rsplit("/", 1)[-1] for r in referenced}, before=started)
+        cache.evict(store.cache_directory(), {r.rsplit("/", 1)[-1] for r in referenced}, before=started)
 
 
-def _remove_committed_deltas(store: "ScoreStore", committed: int,
+def _remove_committed_deltas(store: StoreReader, committed: int,
                              retained: dict[int, Manifest], started: float) -> None:
     """Remove every delta of an epoch up to ``committed``: merged ones, and, reported,
     those that no commit merged (flushed after their epoch's commit, or by another run)."""
     merged = {name for m in retained.values() for name in m.deltas}
-    for dirname in store._list(store._path(layout.DELTAS)):
+    for dirname in store.files.list(layout.DELTAS):
         epoch = layout.delta_dir_epoch(dirname)
         if epoch is None or epoch > committed:
             continue  # a later epoch's deltas: pending
@@ -77,9 +74,9 @@ def _remove_committed_deltas(store: "ScoreStore", committed: int,
             log.warning(
                 "%s: %d delta file(s) of epoch %d were never merged (flushed after the epoch "
                 "was committed, or by another run); removing them: %s", store.url,
-                len(unmerged), epoch, ", ".join(unmerged[:5]) + (" ..." if len(unmerged) > 5 else ""))
+                len(unmerged), epoch, first_names(unmerged))
         for name in names:
-            store._remove(name)
+            store.files.remove(name)
         if store.local_root is not None:
             directory = os.path.join(store.root, layout.DELTAS, dirname)
             fsio.sweep_temporaries(directory, started)  # flushes killed before their rename

@@ -13,9 +13,11 @@ import errno
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
+from .checks import check_int, check_number
 from .errors import StoreUnavailableError
 
 log = logging.getLogger(__name__)
@@ -52,18 +54,12 @@ class RetryPolicy:
     deadline: float = 120.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) \
-                or not 1 <= self.attempts <= 1000:
-            raise ValueError(f"retries: attempts must be an int in [1, 1000], got {self.attempts!r}")
+        check_int(self.attempts, "retries: attempts", 1, 1000, numpy=False)
         for name in ("first_delay", "max_delay", "deadline"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not 0 <= value <= 3600:
-                raise ValueError(f"retries: {name} must be a number of seconds in [0, 3600], "
-                                 f"got {value!r}")
+            check_number(getattr(self, name), f"retries: {name} (seconds)", 0, 3600)
 
     @classmethod
-    def of(cls, value: "RetryPolicy | int | None") -> "RetryPolicy":
+    def of(cls, value: RetryPolicy | int | None) -> RetryPolicy:
         """A policy from ``ScoreStore(retries=...)``: a policy, an attempt count, or None."""
         if value is None:
             return cls()
@@ -100,10 +96,8 @@ def is_transient(exc: BaseException) -> bool:
         if cls.__name__ in _TRANSIENT_NAMES.get(cls.__module__, ()):
             return True
     # s3fs turns HTTP 500 and 503 (after botocore's retries) into these OSErrors.
-    if isinstance(exc, OSError) and exc.errno in (errno.EREMOTEIO, errno.EBUSY) \
-            and type(exc.__cause__).__module__.startswith("botocore"):
-        return True
-    return False
+    return isinstance(exc, OSError) and exc.errno in (errno.EREMOTEIO, errno.EBUSY) \
+        and type(exc.__cause__).__module__.startswith("botocore")
 
 
 def _is_backend_error(exc: BaseException) -> bool:

@@ -19,7 +19,9 @@ import pyarrow as pa
 from .keys import hash_keys
 from .tables import SNAPSHOT_SCHEMA, TableFile, open_table_file
 
-_ROWS_PER_PREFIX = 64  # 7 bisection steps; 16 rows took 6 steps (+7% lookups/s) for a 4x table
+# Rows per prefix-table entry: a lookup bisects about this many rows. A denser table costs
+# private memory in every worker for little speed (docs/benchmark-findings.md).
+_ROWS_PER_PREFIX = 64
 _TABLE_SLICE = 1 << 11  # temporaries of 16 KB: less for malloc to keep in a worker's heap
 _SMALL_QUERY = 16  # below this many keys a plain binary search has less overhead
 
@@ -50,13 +52,13 @@ class ScoreSnapshot:
         self._bits = 0
 
     @classmethod
-    def empty(cls) -> "ScoreSnapshot":
+    def empty(cls) -> ScoreSnapshot:
         """The snapshot of a store with no committed epoch: no keys, no mean."""
         return cls(None, np.empty(0, np.uint64), np.empty(0, np.float32),
                    np.empty(0, np.uint32), None)
 
     @classmethod
-    def open(cls, path: str, epoch: int) -> "ScoreSnapshot":
+    def open(cls, path: str, epoch: int) -> ScoreSnapshot:
         """Map a local snapshot file; ValueError says what is wrong with a damaged one."""
         table = open_table_file(path, SNAPSHOT_SCHEMA, "snapshot")
         if table.meta.get("epoch") != epoch:

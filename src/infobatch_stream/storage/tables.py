@@ -45,7 +45,7 @@ def write_table_file(sink: Any, schema: pa.Schema, columns: list[np.ndarray],
     meta = dict(meta, rows=rows, digest=columns_digest(columns))
     arrays = [
         pa.Array.from_buffers(field.type, rows, [None, pa.py_buffer(np.ascontiguousarray(col))])
-        for field, col in zip(schema, columns)
+        for field, col in zip(schema, columns, strict=True)
     ]
     schema = schema.with_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
     with pa.ipc.new_file(sink, schema) as writer:
@@ -103,10 +103,10 @@ def _file_columns_digest(path: str, spans: list[tuple[int, int]]) -> str:
                 start = offset - offset % grain
                 length = min(nbytes + offset - start, _MAP_WINDOW)
                 with mmap.mmap(handle.fileno(), length, offset=start,
-                               access=mmap.ACCESS_READ) as window:
-                    with memoryview(window)[offset - start:] as part:
-                        digest.update(part)
-                        done = len(part)
+                               access=mmap.ACCESS_READ) as window, \
+                        memoryview(window)[offset - start:] as part:
+                    digest.update(part)
+                    done = len(part)
                 offset, nbytes = offset + done, nbytes - done
     return digest.hexdigest()
 

@@ -7,24 +7,17 @@ import logging
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from . import layout
+from .checks import check_int
+from .files import StoreFiles
 from .keys import as_scores, hash_keys
 from .tables import DELTA_SCHEMA, write_table_file
 
-if TYPE_CHECKING:
-    from .store import ScoreStore
-
 log = logging.getLogger(__name__)
-
-
-def check_flush_rows(flush_rows: Any) -> int:
-    if isinstance(flush_rows, bool) or not isinstance(flush_rows, (int, np.integer)) or flush_rows < 1:
-        raise ValueError(f"flush_rows must be an int >= 1, got {flush_rows!r}")
-    return int(flush_rows)
 
 
 def stable_sort(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -79,12 +72,12 @@ class DeltaWriter:
     'deltas/epoch-00000000/...-r00000-s000000-....arrow'
     """
 
-    def __init__(self, store: "ScoreStore", epoch: int, rank: int = 0, *,
+    def __init__(self, files: StoreFiles, epoch: int, rank: int = 0, *,
                  flush_rows: int = 1 << 22, run_id: str | None = None, background: bool = False):
-        self.store = store
+        self.files = files
         self.epoch = layout.check_epoch(epoch)
         self.rank = layout.check_rank(rank)
-        self.flush_rows = check_flush_rows(flush_rows)
+        self.flush_rows = check_int(flush_rows, "flush_rows", 1)
         if run_id is not None and not isinstance(run_id, str):
             raise TypeError(f"run_id must be a str or None, got {type(run_id).__name__}")
         self.run_id = run_id
@@ -133,7 +126,8 @@ class DeltaWriter:
         """The buffer as one delta-to-be, named now so names keep the write order; then empty."""
         hashes = np.concatenate(self._hashes) if self._hashes else np.empty(0, np.uint64)
         scores = np.concatenate(self._scores) if self._scores else np.empty(0, np.float32)
-        now = max(time.time_ns(), self._last_ns + 1)  # names sort in write order, even if the clock steps back
+        # Names sort in write order, even if the clock steps back.
+        now = max(time.time_ns(), self._last_ns + 1)
         self._last_ns = now
         relpath = layout.delta_name(self.epoch, now, self.rank, self._seq, uuid.uuid4().hex[:12])
         taken = (relpath, hashes, scores, self.rejected_nonfinite)
@@ -153,13 +147,15 @@ class DeltaWriter:
         if self.run_id is not None:
             meta["run_id"] = self.run_id
         write_table_file(sink, DELTA_SCHEMA, [hashes, scores], meta)
-        latest = self.store.latest_epoch
-        if latest is not None and latest >= self.epoch:
+        self.files.ensure_marker(creating=True)
+        committed = [e for e in map(layout.manifest_epoch, self.files.list(layout.MANIFESTS))
+                     if e is not None and e >= self.epoch]
+        if committed:
             log.warning(
                 "%s: epoch %d is already committed (latest: %d); this delta of rank %d (%d "
                 "rows) will never be merged, and the next commit's retention removes it",
-                self.store.url, self.epoch, latest, self.rank, len(hashes))
-        self.store._write_new(relpath, sink.getvalue())
+                self.files.url, self.epoch, max(committed), self.rank, len(hashes))
+        self.files.write_new(relpath, sink.getvalue())
         self.rows_written += len(hashes)
         self.files_written.append(relpath)
         return relpath
@@ -196,7 +192,7 @@ class DeltaWriter:
                 self._thread.shutdown(wait=True)
                 self._thread = None
 
-    def __enter__(self) -> "DeltaWriter":
+    def __enter__(self) -> DeltaWriter:
         return self
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
