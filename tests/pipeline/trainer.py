@@ -101,7 +101,7 @@ def main() -> None:
                 # Full buffers are written on a background thread: let the ones already
                 # handed to it land, so the kill leaves flushed deltas (and a buffered rest)
                 # however loaded the machine is.
-                ib._writer.wait()
+                ib._recorder.wait()
                 os.kill(os.getpid(), signal.SIGKILL)
         ib.end_epoch()
         with open(os.path.join(args.out, f"rank{rank}-epoch{epoch}.json"), "w") as f:

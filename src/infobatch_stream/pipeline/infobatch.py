@@ -30,7 +30,9 @@ from ..stages.prune import DEFAULT_WINDOW, epoch_to_train, lookup_scores, soft_p
 from ..storage import Manifest, ScoreSnapshot, ScoreStore, hash_keys
 from ..storage.checks import check_int
 from . import distributed
-from .planning import StepPlan, plan_steps
+from .planning import StepPlan
+from .recorder import ScoreRecorder, weighted_mean
+from .steps import StepBudget, equal_batches
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +106,9 @@ class InfoBatch:
         self.takeover = bool(takeover)
         self.flush_rows = check_int(flush_rows, "flush_rows", 1)
         self._epoch: int | None = None        # the epoch in progress, None between epochs
-        self._writer = None
+        self._recorder: ScoreRecorder | None = None
         self._rule_cache: tuple | None = None  # (epoch, snapshot, rule) for update()'s weights
-        self._steps_done = 0                   # optimizer steps taken by bound() over the run
-        self._steps_at_epoch_start = 0
-        self._step_plan: StepPlan | None = None
-        self._plan_origin = 0                  # steps done when the step plan was made
+        self._budget = StepBudget()
         self._tidied = False                   # whether epochs() finished the last commit
 
     def __repr__(self) -> str:
@@ -145,10 +144,10 @@ class InfoBatch:
             # Fail before an epoch of training, not at its commit, if another run owns the store.
             self.store.check_owner(self.run_id, self.takeover)
             self._epoch = self.epoch
-            self._writer = self.store.writer(self._epoch, rank=distributed.rank(),
-                                             flush_rows=self.flush_rows, run_id=self.run_id,
-                                             background=True)
-            self._steps_at_epoch_start = self._steps_done
+            self._recorder = ScoreRecorder(self.store.writer(
+                self._epoch, rank=distributed.rank(), flush_rows=self.flush_rows,
+                run_id=self.run_id, background=True))
+            self._budget.at_epoch_start = self._budget.done
         return self._epoch
 
     def epochs(self) -> Iterator[int]:
@@ -194,8 +193,8 @@ class InfoBatch:
         epoch = self._begin_epoch()
         error = None
         try:
-            self._writer.flush()
-            self._writer.close()
+            self._recorder.flush()
+            self._recorder.close()
         except Exception as exc:  # raised on every rank by all_ranks_ok
             error = exc
         distributed.all_ranks_ok(error, f"flushing the scores of epoch {epoch}")
@@ -203,7 +202,7 @@ class InfoBatch:
             lambda: self.store.commit(epoch, run_id=self.run_id, takeover=self.takeover),
             f"committing epoch {epoch}")
         self._epoch = None
-        self._writer = None
+        self._recorder = None
         return manifest if manifest is not None else self.store.manifest(epoch)
 
     # -- the training side -----------------------------------------------------------------
@@ -249,13 +248,11 @@ class InfoBatch:
         hashes = self._key_hashes(keys)
         if len(hashes) != loss.shape[0]:
             raise ValueError(f"update() got {loss.shape[0]} losses but {len(hashes)} keys")
-        recorded = loss if scores is None else torch.as_tensor(scores)
-        self._writer.record(hashes, recorded.detach().float().cpu().numpy())  # one device-to-host copy
+        self._recorder.record(hashes, loss if scores is None else torch.as_tensor(scores))
         if weights is None:
             snapshot, rule = self._rule(epoch)
             weights = rule.weights(hashes, snapshot.lookup(hashes))
-        weights = torch.as_tensor(weights, device=loss.device).to(loss.dtype)
-        return (loss * weights).mean()
+        return weighted_mean(loss, weights)
 
     def bound(self, loader: Iterable) -> Iterator[Any]:
         """Yield the loader's batches, the same number on every rank, within the step plan.
@@ -266,18 +263,9 @@ class InfoBatch:
         stops where the run's step budget says, so an LR schedule never overruns its total.
         """
         epoch = self._begin_epoch()
-        limit = self._step_limit(epoch)
-        iterator = iter(loader)
-        taken = 0
-        while limit is None or taken < limit:
-            try:
-                batch, has_batch = next(iterator), 1
-            except StopIteration:
-                batch, has_batch = None, 0
-            if distributed.all_min(has_batch) == 0:
-                break
-            self._steps_done += 1
-            taken += 1
+        limit = self._budget.limit(self.policy, epoch, self.num_epochs, self._rule(epoch)[0])
+        for batch in equal_batches(loader, limit):
+            self._budget.done += 1
             yield batch
 
     # -- planning --------------------------------------------------------------------------
@@ -299,35 +287,9 @@ class InfoBatch:
         >>> sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=plan.total_steps)
         """
         world_size = distributed.world_size() if world_size is None else world_size
-        plan = self._step_plan
-        if plan is not None and (plan.dataset_size, plan.batch_size, plan.world_size,
-                                 plan.drop_last) == (dataset_size, batch_size, world_size, drop_last):
-            return plan
         epoch, snapshot = epoch_to_train(self.store)
-        self._step_plan = plan_steps(self.policy, epoch, self.num_epochs, snapshot, dataset_size,
-                                     batch_size, world_size, drop_last)
-        self._plan_origin = self._steps_done
-        return self._step_plan
-
-    def _step_limit(self, epoch: int) -> int | None:
-        """Steps this epoch may take: its exact count, scaled into what the budget leaves.
-
-        Later epochs are re-estimated from the newest snapshot. When this epoch and the
-        later ones need more steps than the budget has left, every one of them gives up the
-        same share (the last epochs only ever take what is left), so no single epoch is cut
-        short to pay for an early estimate that was too low.
-        """
-        plan = self._step_plan
-        if plan is None or not plan.epochs[0].epoch <= epoch < self.num_epochs:
-            return None
-        now = plan_steps(self.policy, epoch, self.num_epochs, self._rule(epoch)[0],
-                         plan.dataset_size, plan.batch_size, plan.world_size, plan.drop_last)
-        left = plan.total_steps - (self._steps_at_epoch_start - self._plan_origin)
-        needed = sum(e.steps for e in now.epochs)
-        exact = now.epochs[0].steps
-        if needed <= left:
-            return exact
-        return max(0, min(exact, left, exact * left // max(needed, 1)))
+        return self._budget.make_plan(self.policy, epoch, self.num_epochs, snapshot, dataset_size,
+                                      batch_size, world_size, drop_last)
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -342,10 +304,7 @@ class InfoBatch:
         """
         return {
             "version": STATE_VERSION, "store": self.store.url, "settings": self._settings(),
-            "epoch": self.epoch,
-            "steps_done": self._steps_at_epoch_start if self._epoch is not None else self._steps_done,
-            "plan_origin": self._plan_origin,
-            "step_plan": None if self._step_plan is None else self._step_plan.to_dict(),
+            "epoch": self.epoch, **self._budget.state_dict(in_epoch=self._epoch is not None),
             "run_id": self.run_id,
         }
 
@@ -373,10 +332,7 @@ class InfoBatch:
                 f"after this checkpoint (taken in epoch {state['epoch']}); training continues "
                 f"at epoch {store_epoch}, the store's first uncommitted epoch", stacklevel=2)
         self._epoch = None
-        self._writer = None
-        self._steps_done = self._steps_at_epoch_start = int(state["steps_done"])
-        self._plan_origin = int(state["plan_origin"])
-        plan = state.get("step_plan")
-        self._step_plan = None if plan is None else StepPlan.from_dict(plan)
+        self._recorder = None
+        self._budget.load_state_dict(state)
         if not self._run_id_given:  # the checkpoint's run id, not this launch's new one
             self.run_id = state.get("run_id")

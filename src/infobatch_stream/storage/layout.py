@@ -74,7 +74,9 @@ def is_delta_name(relpath: str, epoch: int) -> bool:
 
 
 def check_epoch(epoch: Any, what: str = "epoch") -> int:
-    return check_int(epoch, what, 0, MAX_EPOCH, numpy=False)
+    if isinstance(epoch, bool) or not isinstance(epoch, int):  # an epoch is looked up by number
+        raise TypeError(f"{what} must be an int, got {type(epoch).__name__}")
+    return check_int(epoch, what, 0, MAX_EPOCH)
 
 
 def check_rank(rank: Any) -> int:
