@@ -110,6 +110,8 @@ class InfoBatch:
         self._rule_cache: tuple | None = None  # (epoch, snapshot, rule) for update()'s weights
         self._budget = StepBudget()
         self._tidied = False                   # whether epochs() finished the last commit
+        self._ended: Manifest | None = None    # the epoch end_epoch() ended, until the next begins
+        self._in_bound = False                 # inside bound()'s loop: a checkpoint is mid-epoch
 
     def __repr__(self) -> str:
         return f"InfoBatch({self.store.url!r}, num_epochs={self.num_epochs}, policy={self.policy})"
@@ -141,9 +143,16 @@ class InfoBatch:
 
     def _begin_epoch(self) -> int:
         if self._epoch is None:
+            epoch = self.epoch
+            if epoch >= self.num_epochs:
+                raise RuntimeError(
+                    f"all {self.num_epochs} epochs of this run are committed in {self.store.url}: "
+                    f"there is no epoch left to update(), bound() or end_epoch(). To train "
+                    f"longer, construct InfoBatch with a larger num_epochs and takeover=True")
             # Fail before an epoch of training, not at its commit, if another run owns the store.
             self.store.check_owner(self.run_id, self.takeover)
-            self._epoch = self.epoch
+            self._epoch = epoch
+            self._ended = None
             self._recorder = ScoreRecorder(self.store.writer(
                 self._epoch, rank=distributed.rank(), flush_rows=self.flush_rows,
                 run_id=self.run_id, background=True))
@@ -158,10 +167,10 @@ class InfoBatch:
         """
         self._finish_last_commit()
         while True:
-            epoch = self._begin_epoch()
-            if epoch >= self.num_epochs:
-                self._epoch = None
+            if self._epoch is None and self.epoch >= self.num_epochs:
+                self._budget.report_end(self.num_epochs)
                 return
+            epoch = self._begin_epoch()
             yield epoch
             if self._epoch == epoch:
                 self.end_epoch()
@@ -189,7 +198,13 @@ class InfoBatch:
 
         Every rank returns only once the commit is visible, so the DataLoader workers of the
         next epoch see the new snapshot. An error on any rank is raised on all of them.
+        Called again before the next epoch begins, it commits nothing and returns the same
+        manifest (an empty epoch committed by mistake would shift every later decision).
         """
+        if self._epoch is None and self._ended is not None:
+            warnings.warn(f"end_epoch() called again after epoch {self._ended.epoch} ended: "
+                          f"nothing to commit", stacklevel=2)
+            return self._ended
         epoch = self._begin_epoch()
         error = None
         try:
@@ -203,7 +218,8 @@ class InfoBatch:
             f"committing epoch {epoch}")
         self._epoch = None
         self._recorder = None
-        return manifest if manifest is not None else self.store.manifest(epoch)
+        self._ended = manifest if manifest is not None else self.store.manifest(epoch)
+        return self._ended
 
     # -- the training side -----------------------------------------------------------------
 
@@ -263,10 +279,15 @@ class InfoBatch:
         stops where the run's step budget says, so an LR schedule never overruns its total.
         """
         epoch = self._begin_epoch()
+        self._budget.check_world_size(distributed.world_size())
         limit = self._budget.limit(self.policy, epoch, self.num_epochs, self._rule(epoch)[0])
-        for batch in equal_batches(loader, limit):
-            self._budget.done += 1
-            yield batch
+        self._in_bound = True
+        try:
+            for batch in equal_batches(loader, limit):
+                self._budget.done += 1
+                yield batch
+        finally:
+            self._in_bound = False
 
     # -- planning --------------------------------------------------------------------------
 
@@ -277,11 +298,15 @@ class InfoBatch:
         return plan_epoch(self.policy, epoch, snapshot, dataset_size)
 
     def plan_steps(self, dataset_size: int, batch_size: int, world_size: int | None = None,
-                   drop_last: bool = True) -> StepPlan:
+                   drop_last: bool = True, *, replan: bool = False) -> StepPlan:
         """The run's optimizer steps: exact for the coming epoch, planned for the rest.
 
         The first call fixes the run's step budget (``total_steps``), which ``bound()`` then
-        keeps; it travels in ``state_dict()``. ``batch_size`` is per rank.
+        keeps; it travels in ``state_dict()``. ``batch_size`` is per rank. Called again with
+        other values it refuses, unless ``replan=True`` makes a new total from here on (for
+        a new LR schedule). Before any score exists the pruned epochs are estimated on the
+        safe side: the run ends a few steps short of the total rather than cutting epochs;
+        a cut, if pruning saves less than planned, is warned about with its size.
 
         >>> plan = ib.plan_steps(dataset_size=50_000, batch_size=128)        # doctest: +SKIP
         >>> sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=plan.total_steps)
@@ -289,7 +314,7 @@ class InfoBatch:
         world_size = distributed.world_size() if world_size is None else world_size
         epoch, snapshot = epoch_to_train(self.store)
         return self._budget.make_plan(self.policy, epoch, self.num_epochs, snapshot, dataset_size,
-                                      batch_size, world_size, drop_last)
+                                      batch_size, world_size, drop_last, replan)
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -299,12 +324,18 @@ class InfoBatch:
     def state_dict(self) -> dict[str, Any]:
         """A small JSON-able state for the checkpoint: settings, epoch, step budget, run id.
 
-        The scores are in the store, not here. A checkpoint taken mid-epoch resumes at the
-        start of that epoch, which then re-runs with the same decisions.
+        The scores are in the store, not here. Take it after ``end_epoch()`` or at the end of
+        the ``epochs()`` loop body: either resumes silently at the next epoch. A checkpoint
+        taken inside ``bound()``'s loop is mid-epoch: it resumes at the start of that epoch,
+        which re-runs with the same decisions (or, if the store committed that epoch after the
+        checkpoint, continues after it with a warning: the model missed part of it).
         """
+        in_epoch = self._epoch is not None
         return {
             "version": STATE_VERSION, "store": self.store.url, "settings": self._settings(),
-            "epoch": self.epoch, **self._budget.state_dict(in_epoch=self._epoch is not None),
+            "epoch": self.epoch, **self._budget.state_dict(in_epoch=in_epoch),
+            "steps_in_epoch": self._budget.done - self._budget.at_epoch_start if in_epoch else 0,
+            "epoch_trained": in_epoch and not self._in_bound,
             "run_id": self.run_id,
         }
 
@@ -326,13 +357,21 @@ class InfoBatch:
                 f"the checkpoint was taken in epoch {state['epoch']} but the store at "
                 f"{self.store.url} has committed only up to epoch {store_epoch - 1}: it is not "
                 f"this run's store, or it was reset")
-        if store_epoch > state["epoch"]:
+        # Taken at the end of an epoch's training, then that epoch committed: the normal case.
+        committed_after = store_epoch == state["epoch"] + 1 and state.get("epoch_trained")
+        if store_epoch > state["epoch"] and not committed_after:
             warnings.warn(
                 f"the store at {self.store.url} has committed epochs up to {store_epoch - 1}, "
-                f"after this checkpoint (taken in epoch {state['epoch']}); training continues "
-                f"at epoch {store_epoch}, the store's first uncommitted epoch", stacklevel=2)
+                f"after this checkpoint (taken in epoch {state['epoch']}"
+                f"{', mid-epoch' if store_epoch == state['epoch'] + 1 else ''}); training "
+                f"continues at epoch {store_epoch}, the store's first uncommitted epoch",
+                stacklevel=2)
         self._epoch = None
         self._recorder = None
         self._budget.load_state_dict(state)
+        # The steps taken in the checkpoint's epoch count, whether that epoch is now committed
+        # or re-runs: the LR schedule saved beside this state took them.
+        self._budget.done = self._budget.at_epoch_start = (
+            self._budget.done + int(state.get("steps_in_epoch", 0)))
         if not self._run_id_given:  # the checkpoint's run id, not this launch's new one
             self.run_id = state.get("run_id")

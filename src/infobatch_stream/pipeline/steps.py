@@ -8,6 +8,8 @@ A step-based LR schedule is built on a total fixed before training (``plan_steps
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -15,6 +17,8 @@ from ..stages.policy import PruningPolicy
 from ..storage import ScoreSnapshot
 from . import distributed
 from .planning import StepPlan, plan_steps
+
+log = logging.getLogger(__name__)
 
 
 def equal_batches(loader: Iterable, limit: int | None) -> Iterator[Any]:
@@ -40,15 +44,40 @@ class StepBudget:
         self.origin = 0           # steps done when the plan was made
         self.done = 0             # optimizer steps taken by bound() over the run
         self.at_epoch_start = 0
+        self.cut_steps = 0        # steps the budget took from the epoch in progress
+
+    def check_world_size(self, world_size: int) -> None:
+        """Refuse a budget planned for another number of ranks (a checkpoint resumed elsewhere):
+        each rank's steps would no longer add up to the LR schedule's total."""
+        if self.plan is not None and self.plan.world_size != world_size:
+            raise RuntimeError(
+                f"the step budget (total_steps={self.plan.total_steps}) was planned for "
+                f"{self.plan.world_size} rank(s) and this run has {world_size}: its epochs would "
+                f"overrun the LR schedule or be cut. Resume on {self.plan.world_size} rank(s), or "
+                f"call plan_steps(..., replan=True) and build the LR schedule anew on its total")
 
     def make_plan(self, policy: PruningPolicy, epoch: int, num_epochs: int,
                   snapshot: ScoreSnapshot, dataset_size: int, batch_size: int, world_size: int,
-                  drop_last: bool) -> StepPlan:
-        """The first call fixes the run's total; the same arguments give the same plan back."""
+                  drop_last: bool, replan: bool = False) -> StepPlan:
+        """The first call fixes the run's total; the same arguments give the same plan back.
+
+        Other arguments are refused (a schedule built on the first total would overrun or end
+        early) unless ``replan``: a new total for the rest of the run, from the steps done.
+        """
         plan = self.plan
-        if plan is not None and (plan.dataset_size, plan.batch_size, plan.world_size,
-                                 plan.drop_last) == (dataset_size, batch_size, world_size, drop_last):
-            return plan
+        asked = (dataset_size, batch_size, world_size, drop_last)
+        if plan is not None and not replan:
+            fixed = (plan.dataset_size, plan.batch_size, plan.world_size, plan.drop_last)
+            if fixed == asked:
+                return plan
+            names = ("dataset_size", "batch_size", "world_size", "drop_last")
+            differ = ", ".join(f"{n}={a!r} (planned {f!r})"
+                               for n, f, a in zip(names, fixed, asked, strict=True) if f != a)
+            raise ValueError(
+                f"plan_steps() was called with {differ}: the run's step budget was fixed by the "
+                f"first call (total_steps={plan.total_steps}), and an LR schedule built on it "
+                f"would overrun or end early. Pass the same values, or replan=True and build "
+                f"the schedule anew on the new total")
         self.plan = plan_steps(policy, epoch, num_epochs, snapshot, dataset_size, batch_size,
                                world_size, drop_last)
         self.origin = self.done
@@ -71,9 +100,29 @@ class StepBudget:
         left = plan.total_steps - (self.at_epoch_start - self.origin)
         needed = sum(e.steps for e in now.epochs)
         exact = now.epochs[0].steps
-        if needed <= left:
-            return exact
-        return max(0, min(exact, left, exact * left // max(needed, 1)))
+        allowed = exact if needed <= left else max(0, min(exact, left, exact * left // max(needed, 1)))
+        self.cut_steps = exact - allowed
+        if self.cut_steps and distributed.rank() == 0:
+            warnings.warn(
+                f"epoch {epoch}: the step budget (plan_steps: total {plan.total_steps}) has "
+                f"{left} steps left for the {needed} that this and the later epochs need, so "
+                f"this epoch takes {allowed} of its {exact} steps ({self.cut_steps} steps, "
+                f"{self.cut_steps * plan.batch_size} samples per rank not trained): pruning saved "
+                f"less than planned. Plan the budget after the first epoch, or use a schedule "
+                f"counted in epochs", stacklevel=3)
+        return allowed
+
+    def report_end(self, num_epochs: int) -> None:
+        """After the last epoch: say how far from the schedule's total the run ended."""
+        plan = self.plan
+        if plan is None or distributed.rank() != 0:
+            return
+        used = self.done - self.origin
+        if used < plan.total_steps:
+            log.info("the run took %d of the %d steps plan_steps() planned for its %d epochs: "
+                     "pruning saved more than planned; a step-based LR schedule ends %d steps "
+                     "short of its total", used, plan.total_steps, num_epochs,
+                     plan.total_steps - used)
 
     def state_dict(self, in_epoch: bool) -> dict[str, Any]:
         """What a checkpoint keeps; mid-epoch, the steps done when the epoch started."""
