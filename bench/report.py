@@ -150,7 +150,7 @@ def plot_workers(workers: dict[str, Any], path: str) -> bool:
             ("of it: snapshot pages mapped", workers["snapshot_rss_per_worker_bytes"], "0.8"),
             ("private (USS) growth", workers["private_growth_per_worker_bytes"], "C0"),
             ("private, no stage (control)", workers["control_private_growth_per_worker_bytes"], "C2")]
-    for row, (label, value, color) in enumerate(bars):
+    for row, (_, value, color) in enumerate(bars):
         ax.barh(row, value / MB, color=color)
         ax.text(value / MB, row, f"  {value / MB:.1f} MiB", va="center")
     goal = 0.05 * workers["snapshot_bytes"] / MB
@@ -187,7 +187,8 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> str:
       f"below is measured side by side in one process run, interleaved, and summarised by medians.\n")
     if quick:
         w("This is a **`--quick`** run: smaller sizes where a section says so (the store and "
-          "the worker snapshot at 5M keys, fewer repetitions, seeds and epochs). `python bench/run.py` runs the full sizes.\n")
+          "the worker snapshot at 5M keys, fewer repetitions, seeds and epochs). "
+          "`python bench/run.py` runs the full sizes.\n")
     w("## Goals\n")
     rows = [[g["name"], g["goal"], fmt(g["measured"], g.get("unit", "")), verdict(g["pass"]),
              g.get("note", "")] for g in results.get("goals", [])]
@@ -386,17 +387,21 @@ def workers_section(workers: dict[str, Any], plot: str | None) -> str:
     rows = [
         ["snapshot_bytes", fmt(snap, "bytes"), f"the snapshot file ({workers['keys']:,} keys)"],
         ["rss_growth_per_worker_bytes", fmt(workers["rss_growth_per_worker_bytes"], "bytes"),
-         f"{100 * workers['rss_growth_fraction']:.0f}% of the snapshot: RSS counts the mapped "
-         f"file pages, which every worker shares through the page cache"],
+         (f"{100 * workers['rss_growth_fraction']:.0f}% of the snapshot: RSS counts the mapped "
+          "file pages, which every worker shares through the page cache")],
         ["snapshot_rss_per_worker_bytes", fmt(workers["snapshot_rss_per_worker_bytes"], "bytes"),
          "pages of the snapshot file mapped in each worker"],
         ["snapshot_private_per_worker_bytes", fmt(workers["snapshot_private_per_worker_bytes"], "bytes"),
          "of those, pages only this worker maps: a per-worker copy would show here"],
-        ["private_growth_per_worker_bytes (goal)", fmt(workers["private_growth_per_worker_bytes"], "bytes"),
-         f"**{100 * workers['private_growth_fraction']:.1f}%** of the snapshot: USS growth, the goal's measure"],
-        ["heap_anon_private_growth_per_worker_bytes", fmt(workers["heap_anon_private_growth_per_worker_bytes"], "bytes"),
+        ["private_growth_per_worker_bytes (goal)",
+         fmt(workers["private_growth_per_worker_bytes"], "bytes"),
+         (f"**{100 * workers['private_growth_fraction']:.1f}%** of the snapshot: USS growth, "
+          "the goal's measure")],
+        ["heap_anon_private_growth_per_worker_bytes",
+         fmt(workers["heap_anon_private_growth_per_worker_bytes"], "bytes"),
          "of it, in the heap and anonymous mappings"],
-        ["control_private_growth_per_worker_bytes", fmt(workers["control_private_growth_per_worker_bytes"], "bytes"),
+        ["control_private_growth_per_worker_bytes",
+         fmt(workers["control_private_growth_per_worker_bytes"], "bytes"),
          "the same workers and samples with an identity stage instead of ours"],
         ["net of the control", fmt(workers["private_growth_per_worker_bytes"]
                                    - workers["control_private_growth_per_worker_bytes"], "bytes"),
@@ -508,15 +513,17 @@ def findings(results: dict[str, Any]) -> str:
     stage = results.get("stage", {})
     if goals.get("stage overhead", {}).get("pass") is False:
         noise = stage.get("noise_floor_quartiles")
+        window_only = ((stage.get("raw") or {}).get("pipeline") or {}).get("window_only", {})
         w(f"**Stage overhead** ({fmt(stage.get('overhead'), 'fraction')} in the pipeline, goal 1%). "
           + (f"The raw pipeline timed against itself spreads over [{100 * noise[0]:.1f}%, "
              f"{100 * noise[1]:.1f}%] (interquartile), " if noise else "")
-          + f"while the stage's own cost, timed alone, is {fmt(stage.get('overhead_from_stage_cost'), 'fraction')} "
-          f"of the raw pipeline's time per sample ({fmt(stage.get('stage_alone_samples_per_s'), 'samples/s')} "
+          + "while the stage's own cost, timed alone, is "
+          f"{fmt(stage.get('overhead_from_stage_cost'), 'fraction')} of the raw pipeline's time "
+          f"per sample ({fmt(stage.get('stage_alone_samples_per_s'), 'samples/s')} "
           f"alone against {fmt(stage.get('raw_samples_per_s'), 'samples/s')} of tar reading). "
           f"The rest is what holding samples a window at a time costs the tar reader around it "
           f"(cache and allocator effects): the do-nothing `window_only` control costs "
-          f"{fmt(((stage.get('raw') or {}).get('pipeline') or {}).get('window_only', {}).get('overhead'), 'fraction')} "
+          f"{fmt(window_only.get('overhead'), 'fraction')} "
           f"by itself. Counted in instructions, which the machine's noise does not touch "
           f"(`python bench/stage.py --instructions`, cachegrind), the stage added 0.25% in a "
           f"pruning epoch and 0.30% in an annealing one on 2026-11-28. Tried: a window of 64 "

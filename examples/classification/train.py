@@ -58,7 +58,7 @@ def load_test(pattern: str) -> tuple[torch.Tensor, torch.Tensor]:
     dataset = (wds.WebDataset(list(wds.shardlists.expand_urls(pattern)), shardshuffle=False,
                               empty_check=False)
                .decode("torchl").to_tuple("png", "cls").map_tuple(to_input, None))
-    images, labels = zip(*dataset)
+    images, labels = zip(*dataset, strict=True)
     return torch.stack(images), torch.tensor(labels)
 
 

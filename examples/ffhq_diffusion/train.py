@@ -385,8 +385,9 @@ def main(argv: list[str] | None = None) -> dict:
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     heldout = load_heldout(args) if rank() == 0 else None
-    log(f"{'baseline (no pruning)' if args.no_prune else f'InfoBatch r={prune_ratio} delta={args.delta} policy={args.policy}'}"
-        f": {dataset_size} samples, {args.epochs} epochs, "
+    setting = ("baseline (no pruning)" if args.no_prune
+               else f"InfoBatch r={prune_ratio} delta={args.delta} policy={args.policy}")
+    log(f"{setting}: {dataset_size} samples, {args.epochs} epochs, "
         f"batch {args.batch_size} x {world_size()} ranks, model {args.model} "
         f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
         f"{args.image_size}px, store {store_url}")
