@@ -177,8 +177,10 @@ def run(seeds: int, epochs: int, workdir: str | None = None) -> dict[str, Any]:
         result[f"{arm}_accs"] = [r["accuracy"] for r in arm_runs]
         result[f"{arm}_wall_s"] = statistics.median(r["wall_s"] for r in arm_runs)
         result[f"{arm}_samples_saved"] = 1.0 - statistics.fmean(sum(r["samples"]) for r in arm_runs) / passes
-        result[f"{arm}_curve_mean"] = [statistics.fmean(c) for c in zip(*(r["curve"] for r in arm_runs))]
-        result[f"{arm}_samples_per_epoch"] = [statistics.fmean(s) for s in zip(*(r["samples"] for r in arm_runs))]
+        curves = zip(*(r["curve"] for r in arm_runs), strict=True)
+        result[f"{arm}_curve_mean"] = [statistics.fmean(c) for c in curves]
+        per_epoch = zip(*(r["samples"] for r in arm_runs), strict=True)
+        result[f"{arm}_samples_per_epoch"] = [statistics.fmean(s) for s in per_epoch]
     result["samples_saved"] = result["infobatch_samples_saved"]
     result["theory_saved"] = statistics.fmean(sum(r["expected_saved"]) for r in runs["infobatch"]) / passes
     result["random_theory_saved"] = statistics.fmean(

@@ -1,7 +1,8 @@
 """Render a results file of ``bench/run.py`` as docs/benchmarks.md, its JSON copy and plots.
 
 Everything on the page comes from the results (numbers, verdicts, settings) or from the
-prose here, which says what each number means and what was found where a goal is missed.
+prose here, which says what each number means and how it is measured. What was found and tried
+where a goal is missed is written by hand in docs/benchmark-findings.md, which the page links.
 
     python bench/run.py --report-only bench/results.json     # re-render without running
 """
@@ -13,6 +14,8 @@ import os
 from typing import Any
 
 MB = 1 << 20
+# What was found and tried about the misses: prose kept by hand, beside the generated page.
+FINDINGS_PAGE = "benchmark-findings.md"
 
 
 # -- formatting --------------------------------------------------------------------------------
@@ -150,7 +153,7 @@ def plot_workers(workers: dict[str, Any], path: str) -> bool:
             ("of it: snapshot pages mapped", workers["snapshot_rss_per_worker_bytes"], "0.8"),
             ("private (USS) growth", workers["private_growth_per_worker_bytes"], "C0"),
             ("private, no stage (control)", workers["control_private_growth_per_worker_bytes"], "C2")]
-    for row, (label, value, color) in enumerate(bars):
+    for row, (_, value, color) in enumerate(bars):
         ax.barh(row, value / MB, color=color)
         ax.text(value / MB, row, f"  {value / MB:.1f} MiB", va="center")
     goal = 0.05 * workers["snapshot_bytes"] / MB
@@ -187,13 +190,15 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> str:
       f"below is measured side by side in one process run, interleaved, and summarised by medians.\n")
     if quick:
         w("This is a **`--quick`** run: smaller sizes where a section says so (the store and "
-          "the worker snapshot at 5M keys, fewer repetitions, seeds and epochs). `python bench/run.py` runs the full sizes.\n")
+          "the worker snapshot at 5M keys, fewer repetitions, seeds and epochs). "
+          "`python bench/run.py` runs the full sizes.\n")
     w("## Goals\n")
     rows = [[g["name"], g["goal"], fmt(g["measured"], g.get("unit", "")), verdict(g["pass"]),
              g.get("note", "")] for g in results.get("goals", [])]
     w(table(["goal", "target", "measured", "verdict", "measured at / note"], rows) + "\n")
-    w("What each figure means, how it is measured, and why a missed goal is missed, follows "
-      "section by section.\n")
+    w("What each figure means and how it is measured follows section by section; then each "
+      "missed goal with this run's figures that bear on it. What was found and tried about the "
+      f"misses: [{FINDINGS_PAGE}]({FINDINGS_PAGE}).\n")
     w(HOW_TO_RUN)
     w(stage_section(results.get("stage", {})))
     w(store_section(results.get("store", {})))
@@ -211,7 +216,7 @@ def _load(value: Any) -> str:
 HOW_TO_RUN = """## How to run
 
 ```
-python bench/run.py --quick     # every benchmark at small sizes, ~3-4 minutes on 2 cores
+python bench/run.py --quick     # every benchmark at small sizes (the time it took: above)
 python bench/run.py             # full sizes (10M-key store and worker snapshot, 5 seeds)
 python bench/run.py --only bookkeeping workers --no-docs --out /tmp/r.json
 python bench/run.py --report-only bench/results.json   # re-render this page
@@ -386,17 +391,21 @@ def workers_section(workers: dict[str, Any], plot: str | None) -> str:
     rows = [
         ["snapshot_bytes", fmt(snap, "bytes"), f"the snapshot file ({workers['keys']:,} keys)"],
         ["rss_growth_per_worker_bytes", fmt(workers["rss_growth_per_worker_bytes"], "bytes"),
-         f"{100 * workers['rss_growth_fraction']:.0f}% of the snapshot: RSS counts the mapped "
-         f"file pages, which every worker shares through the page cache"],
+         (f"{100 * workers['rss_growth_fraction']:.0f}% of the snapshot: RSS counts the mapped "
+          "file pages, which every worker shares through the page cache")],
         ["snapshot_rss_per_worker_bytes", fmt(workers["snapshot_rss_per_worker_bytes"], "bytes"),
          "pages of the snapshot file mapped in each worker"],
         ["snapshot_private_per_worker_bytes", fmt(workers["snapshot_private_per_worker_bytes"], "bytes"),
          "of those, pages only this worker maps: a per-worker copy would show here"],
-        ["private_growth_per_worker_bytes (goal)", fmt(workers["private_growth_per_worker_bytes"], "bytes"),
-         f"**{100 * workers['private_growth_fraction']:.1f}%** of the snapshot: USS growth, the goal's measure"],
-        ["heap_anon_private_growth_per_worker_bytes", fmt(workers["heap_anon_private_growth_per_worker_bytes"], "bytes"),
+        ["private_growth_per_worker_bytes (goal)",
+         fmt(workers["private_growth_per_worker_bytes"], "bytes"),
+         (f"**{100 * workers['private_growth_fraction']:.1f}%** of the snapshot: USS growth, "
+          "the goal's measure")],
+        ["heap_anon_private_growth_per_worker_bytes",
+         fmt(workers["heap_anon_private_growth_per_worker_bytes"], "bytes"),
          "of it, in the heap and anonymous mappings"],
-        ["control_private_growth_per_worker_bytes", fmt(workers["control_private_growth_per_worker_bytes"], "bytes"),
+        ["control_private_growth_per_worker_bytes",
+         fmt(workers["control_private_growth_per_worker_bytes"], "bytes"),
          "the same workers and samples with an identity stage instead of ours"],
         ["net of the control", fmt(workers["private_growth_per_worker_bytes"]
                                    - workers["control_private_growth_per_worker_bytes"], "bytes"),
@@ -466,64 +475,24 @@ against `epochs x train size`; `theory_saved` sums `InfoBatch.plan(train size)
 """
 
 def findings(results: dict[str, Any]) -> str:
-    """Why each missed goal is missed, from this run's numbers and from the profiles taken
-    while the benchmarks were written (those are dated and say what they measured)."""
+    """The missed goals, each with this run's figures that bear on it (the bookkeeping and
+    worker figures always). What was found and tried about a miss is on ``FINDINGS_PAGE``."""
     goals = {g["name"]: g for g in results.get("goals", [])}
-    out = ["## Findings: why a goal is missed, and what was tried\n"]
+    missed = [name for name, g in goals.items() if g["pass"] is False]
+    out = ["## Missed goals\n"]
     w = out.append
+    w(("Missed in this run: " + "; ".join(missed) + "." if missed
+       else "This run missed no goal it measured.")
+      + f" Why, what was tried and what is left: [{FINDINGS_PAGE}]({FINDINGS_PAGE}).\n")
     bk = results.get("bookkeeping", {})
     if "ratio" in bk:
-        ours, ref = bk["ours_str_breakdown"], bk["reference_breakdown"]
-        ours_hash = bk["ours_hash_breakdown"]
-        per_batch = lambda b: 1e6 * b["update_s"] / max(1, b["samples"] / bk["batch_size"])  # noqa: E731
-        w(f"**Bookkeeping ({'met' if goals.get('bookkeeping vs official', {}).get('pass') else 'missed'}: "
-          f"{bk['ratio']:.2f} with key strings, {bk['ratio_hash']:.2f} with hash tensors, goal 0.25"
-          + (f"; on CPU time {bk['ratio_cpu']:.2f} / {bk['ratio_hash_cpu']:.2f}" if "ratio_cpu" in bk else "")
-          + f").** The official code's "
-          f"whole epoch of bookkeeping is small: {bk['reference_s']:.3f} s at ImageNet-1K scale "
-          f"({ref['plan_s']:.3f} s of `prune` - a few vectorised passes over a 1.28M-float tensor and "
-          f"one list shuffle - and {per_batch(ref):.0f} us of torch indexing per batch). It keeps "
-          f"nothing durable. Ours spends {per_batch(ours_hash):.0f} us per batch in `update` with "
-          f"hash tensors ({per_batch(ours):.0f} us with key strings: xxh3 of 256 strings is ~20 us), "
-          f"{ours['commit_s']:.3f} s in the commit and {ours['plan_s']:.3f} s in planning. A "
-          f"ratio of 0.25 would leave {0.25 * bk['reference_s']:.3f} s per epoch for all three"
-          + (f": less than our commit alone, which sorts the epoch's "
-             f"~{ours['samples'] / 1e6:.2f}M updates, merges them into the snapshot, writes it and "
-             f"fsyncs it. No tuning of a synchronous, durable commit reaches that."
-             if 0.25 * bk["reference_s"] < ours["commit_s"] else ".") + "\n")
-        w(BOOKKEEPING_FINDINGS)
+        w(_bookkeeping_finding(bk, goals))
     workers = results.get("workers", {})
     if "private_growth_fraction" in workers:
-        wk = workers
-        w(f"**Worker memory ({'met' if goals.get('worker memory', {}).get('pass') else 'missed'}: "
-          f"{100 * wk['private_growth_fraction']:.1f}% of a {wk['snapshot_bytes'] / MB:.0f} MiB "
-          f"snapshot, goal 5%).** The snapshot itself is shared: "
-          f"{wk['snapshot_private_per_worker_bytes'] / MB:.2f} MiB of its pages are private to a "
-          f"worker, {wk['snapshot_rss_per_worker_bytes'] / MB:.1f} MiB mapped and shared. The "
-          f"growth is in the heap and anonymous mappings "
-          f"({wk['heap_anon_private_growth_per_worker_bytes'] / MB:.1f} MiB); iterating the same "
-          f"samples with no stage at all costs {wk['control_private_growth_per_worker_bytes'] / MB:.1f} MiB "
-          f"(the control).\n")
-        w(WORKERS_FINDINGS)
+        w(_workers_finding(workers, goals))
     stage = results.get("stage", {})
     if goals.get("stage overhead", {}).get("pass") is False:
-        noise = stage.get("noise_floor_quartiles")
-        w(f"**Stage overhead** ({fmt(stage.get('overhead'), 'fraction')} in the pipeline, goal 1%). "
-          + (f"The raw pipeline timed against itself spreads over [{100 * noise[0]:.1f}%, "
-             f"{100 * noise[1]:.1f}%] (interquartile), " if noise else "")
-          + f"while the stage's own cost, timed alone, is {fmt(stage.get('overhead_from_stage_cost'), 'fraction')} "
-          f"of the raw pipeline's time per sample ({fmt(stage.get('stage_alone_samples_per_s'), 'samples/s')} "
-          f"alone against {fmt(stage.get('raw_samples_per_s'), 'samples/s')} of tar reading). "
-          f"The rest is what holding samples a window at a time costs the tar reader around it "
-          f"(cache and allocator effects): the do-nothing `window_only` control costs "
-          f"{fmt(((stage.get('raw') or {}).get('pipeline') or {}).get('window_only', {}).get('overhead'), 'fraction')} "
-          f"by itself. Counted in instructions, which the machine's noise does not touch "
-          f"(`python bench/stage.py --instructions`, cachegrind), the stage added 0.25% in a "
-          f"pruning epoch and 0.30% in an annealing one on 2026-11-28. Tried: a window of 64 "
-          f"samples instead of 256 holds 4x fewer raw bytes but measured no better (8.5% "
-          f"against 7.7% in one pair of noisy runs; the stage alone 0.76M against 1.14M "
-          f"samples/s, its per-window numpy calls amortised over fewer samples); the window "
-          f"stays at 256.\n")
+        w(_stage_finding(stage))
     decode = (stage.get("raw") or {}).get("decode") or {}
     if goals.get("decode time saved", {}).get("pass") is False and decode:
         w(f"**Decode time saved** ({100 * stage['decode_time_saved']:.1f}% against "
@@ -549,49 +518,59 @@ def findings(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-BOOKKEEPING_FINDINGS = """What was measured and tried (2026-11-27, this machine, 1.28M keys):
+def _bookkeeping_finding(bk: dict[str, Any], goals: dict[str, dict]) -> str:
+    ours, ours_hash, ref = bk["ours_str_breakdown"], bk["ours_hash_breakdown"], bk["reference_breakdown"]
 
-- `InfoBatch.update` with hash tensors costs ~30-45 us per batch of 256, the official
-  `update` ~25-40 us. Ours is `DeltaWriter.record` ~7 us (`hash_keys`, `as_scores`,
-  `isfinite`, two copies), the weights' tensor ~4 us, `(loss * weights).mean()` ~6 us,
-  `loss.detach().float().cpu()` ~2 us and ~6 us of Python around them. A leaner `update`
-  measured -15% on `update`: a few percent of the ratio, not a factor of 4.
-- Done: full buffers (256K rows) are sorted and written on a background thread while the
-  epoch trains (`DeltaWriter(background=True)`), so the epoch's end sorts and writes only
-  the rest; the merge skips `last_write_wins` for a range fed by one delta and the inserts
-  when no key is new. The commit went from 0.24-0.38 s to ~0.15-0.25 s wall.
-- Left: the commit is synchronous and durable (merge, write, checksum, five fsyncs), work
-  the reference does not do at all (it persists nothing). A ratio of 0.25 leaves less time
-  than that commit alone. What would change it is structural: an asynchronous `end_epoch()`
-  whose commit overlaps the evaluation that usually follows an epoch (the next epoch's
-  workers waiting for its manifest); and on a GPU, keeping the epoch's losses on the device
-  and copying them once per flush instead of one `.cpu()` sync per step (the official code
-  syncs every step too), which this CPU-only benchmark cannot show.
-- The official sampler's per-index `__next__` also runs in the training process
-  (`reference_sampler_s`); counting it, the ratio is `ratio_with_sampler`.
+    def per_batch(b: dict[str, Any]) -> float:  # microseconds of update per batch
+        return 1e6 * b["update_s"] / max(1, b["samples"] / bk["batch_size"])
 
-Per epoch both are small beside an ImageNet-1K epoch (minutes): well under 1% of it.
-"""
+    met = "met" if goals.get("bookkeeping vs official", {}).get("pass") else "missed"
+    cpu = f"; on CPU time {bk['ratio_cpu']:.2f} / {bk['ratio_hash_cpu']:.2f}" if "ratio_cpu" in bk else ""
+    budget = 0.25 * bk["reference_s"]
+    return (
+        f"**Bookkeeping ({met}: {bk['ratio']:.2f} with key strings, {bk['ratio_hash']:.2f} with "
+        f"hash tensors, goal 0.25{cpu}).** The official code's whole epoch of bookkeeping takes "
+        f"{bk['reference_s']:.3f} s at N = {bk['n']:,} ({ref['plan_s']:.3f} s of `prune`, a few "
+        f"vectorised passes over the N scores and one list shuffle, and {per_batch(ref):.0f} us "
+        f"of torch indexing per batch); it keeps nothing durable. Ours spends "
+        f"{per_batch(ours_hash):.0f} us per batch in `update` with hash tensors "
+        f"({per_batch(ours):.0f} us with key strings), {ours['commit_s']:.3f} s in the commit and "
+        f"{ours['plan_s']:.3f} s in planning. A ratio of 0.25 would leave {budget:.3f} s per "
+        f"epoch for all three"
+        + (f": less than our commit alone, which sorts the epoch's ~{ours['samples'] / 1e6:.2f}M "
+           f"updates, merges them into the snapshot, writes it and fsyncs it."
+           if budget < ours["commit_s"] else ".") + "\n")
 
-WORKERS_FINDINGS = """What was measured and tried (2026-11-27, per worker, from
-`/proc/self/smaps` and `malloc_trim`):
 
-- The snapshot's pages are shared through the page cache: 0 bytes of the mapping are
-  private to a worker, whatever its size.
-- Done: the reader verifies the snapshot's checksum through short-lived 4 MiB windows of the
-  mapping (it read through an 8 MiB `bytearray` before, which glibc kept in each worker's
-  heap: 12.9 MiB private per worker at 2M keys); the lookup's prefix table is built in
-  slices of 8192 entries instead of with full-size temporaries, and holds one entry per ~64
-  keys instead of ~16 (0.06 B/key, 0.4% of the snapshot; at 5M keys 4.6 -> 3.9 MiB per
-  worker, for 7% fewer lookups per second: 6.5M/s against 6.9M/s).
-- Left: ~2.5 MiB a worker pays whatever the snapshot's size, above the control: opening
-  the store and the snapshot (~0.6 MiB: fsspec, pyarrow's IPC reader on first use, the
-  checksum pass), then the stage's own objects and the pages of the parent's Python objects
-  that a forked worker dirties by touching them (reference counts).
-  So the share falls with the snapshot's size: it is under 5% from roughly 10M keys on. To
-  meet 5% at a few million keys the reader must add nothing private: store the prefix
-  table in the snapshot file at commit time, so every worker maps it from the page cache.
-"""
+def _workers_finding(wk: dict[str, Any], goals: dict[str, dict]) -> str:
+    met = "met" if goals.get("worker memory", {}).get("pass") else "missed"
+    return (
+        f"**Worker memory ({met}: {100 * wk['private_growth_fraction']:.1f}% of a "
+        f"{wk['snapshot_bytes'] / MB:.0f} MiB snapshot, goal 5%).** The snapshot itself is "
+        f"shared: {wk['snapshot_private_per_worker_bytes'] / MB:.2f} MiB of its pages are private "
+        f"to a worker, {wk['snapshot_rss_per_worker_bytes'] / MB:.1f} MiB mapped and shared. The "
+        f"growth is in the heap and anonymous mappings "
+        f"({wk['heap_anon_private_growth_per_worker_bytes'] / MB:.1f} MiB); iterating the same "
+        f"samples with no stage at all costs "
+        f"{wk['control_private_growth_per_worker_bytes'] / MB:.1f} MiB (the control).\n")
+
+
+def _stage_finding(stage: dict[str, Any]) -> str:
+    noise = stage.get("noise_floor_quartiles")
+    window_only = ((stage.get("raw") or {}).get("pipeline") or {}).get("window_only", {})
+    return (
+        f"**Stage overhead** ({fmt(stage.get('overhead'), 'fraction')} in the pipeline, goal 1%). "
+        + (f"The raw pipeline timed against itself spreads over [{100 * noise[0]:.1f}%, "
+           f"{100 * noise[1]:.1f}%] (interquartile), " if noise else "")
+        + "while the stage's own cost, timed alone, is "
+        f"{fmt(stage.get('overhead_from_stage_cost'), 'fraction')} of the raw pipeline's time "
+        f"per sample ({fmt(stage.get('stage_alone_samples_per_s'), 'samples/s')} "
+        f"alone against {fmt(stage.get('raw_samples_per_s'), 'samples/s')} of tar reading). "
+        f"The rest is what holding samples a window at a time costs the tar reader around it "
+        f"(cache and allocator effects): the do-nothing `window_only` control costs "
+        f"{fmt(window_only.get('overhead'), 'fraction')} by itself. "
+        f"`python bench/stage.py --instructions` counts the stage in instructions instead "
+        f"(cachegrind), which the machine's noise does not touch.\n")
 
 
 # -- writing -----------------------------------------------------------------------------------

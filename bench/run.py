@@ -25,7 +25,8 @@ import shlex
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
@@ -143,7 +144,7 @@ def map_store(out: dict[str, Any]) -> dict[str, Any]:
         "lookup_str_keys_per_s": lambda o: _store_size(o)["lookup_batched_str_keys_per_s"],
         "snapshot_bytes": lambda o: _store_size(o)["snapshot_bytes"],
     })
-    section["sizes"] = {n: r for n, r in out.get("results", {}).items()}
+    section["sizes"] = dict(out.get("results", {}))
     section["own_goals"] = out.get("goals")
     return section
 

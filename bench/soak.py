@@ -136,7 +136,7 @@ def soak(root: str, commits: int, keys: int, fraction: float, keep: int, seed: i
     slope = slope_per_100(commit_s)
     leaked_fds = sorted(set(fds_after) - set(fds_before))
     return {
-        "commits": commits, "keys": int(len(hashes)), "update_fraction": fraction,
+        "commits": commits, "keys": len(hashes), "update_fraction": fraction,
         "keep_snapshots": keep,
         "commit_s": {"first_median": first, "last_median": last, "window": w,
                      "slope_per_100_commits": slope,

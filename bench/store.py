@@ -70,7 +70,7 @@ def keys_of(indices) -> list[str]:
 
 
 def storage():
-    import infobatch_stream.storage as storage_module  # noqa: PLC0415 (after sys.path is set)
+    import infobatch_stream.storage as storage_module  # imported here: after sys.path is set
 
     return storage_module
 

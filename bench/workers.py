@@ -33,7 +33,8 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -178,10 +178,15 @@ def test_docs_explain_a_missed_stage_goal(tmp_path):
     assert by_name["stage overhead"]["pass"] is False
     assert by_name["decode time saved"]["pass"] is False
     assert by_name["decode time saved"]["measured"] == pytest.approx(0.2 / 0.3)
-    load("report").write_docs(results, str(tmp_path))
+    report = load("report")
+    report.write_docs(results, str(tmp_path))
     page = (tmp_path / "benchmarks.md").read_text()
     assert "**Stage overhead** (5.00%" in page and "control costs 2.70%" in page
     assert "**Decode time saved** (20.0% against 30.0%" in page and "at most 27.6%" in page
+    assert "Missed in this run: stage overhead; decode time saved." in page
+    # what was found and tried is prose kept by hand in docs/, which the page links
+    findings = report.FINDINGS_PAGE
+    assert f"]({findings})" in page and (BENCH.parent / "docs" / findings).is_file()
 
 
 def test_run_end_to_end_with_a_subprocess(tmp_path):

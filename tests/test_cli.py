@@ -14,8 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from infobatch_stream import ScoreStore, hash_keys
-from infobatch_stream import cli
+from infobatch_stream import ScoreStore, cli, hash_keys
 from infobatch_stream.stages import InfoBatchPolicy
 
 from .conftest import free_port
@@ -36,11 +35,11 @@ def build_store(path, epochs: int = 4, keys_per_epoch: int = 800, **store_kwargs
         scores = rng.lognormal(0.0, 0.8, len(keys)).astype(np.float32)
         with store.writer(epoch, rank=0) as writer:
             writer.record(keys, scores)
-        known.update(zip(keys, scores))
+        known.update(zip(keys, scores, strict=True))
         if epoch == 2:  # rank 1 flushes later, so its scores win; its inf is rejected
             with store.writer(epoch, rank=1) as writer:
                 writer.record(keys[:3] + ["inf-key"], [9.0, 10.0, 11.0, np.inf])
-            known.update(zip(keys[:3], np.float32([9.0, 10.0, 11.0])))
+            known.update(zip(keys[:3], np.float32([9.0, 10.0, 11.0]), strict=True))
         store.commit(epoch, run_id="run-a")
         expected[epoch] = dict(known)
     with store.writer(epochs, rank=0) as writer:
@@ -175,7 +174,7 @@ def test_export_round_trips_exactly(store_and_expected, tmp_path, capsys):
     assert table.equals(store.snapshot().to_arrow().replace_schema_metadata(table.schema.metadata))
     assert json.loads(table.schema.metadata[b"infobatch_stream"])["epoch"] == 3
     keys = list(expected[3])
-    by_hash = dict(zip(table["hash"].to_numpy().tolist(), table["score"].to_numpy()))
+    by_hash = dict(zip(table["hash"].to_numpy().tolist(), table["score"].to_numpy(), strict=True))
     assert [by_hash[h] for h in hash_keys(keys).tolist()] == [expected[3][k] for k in keys]
     assert os.listdir(out.parent) == ["latest.parquet"]  # no temporary file left behind
 
@@ -286,7 +285,7 @@ def run_command(command, *argv):
 
 
 def test_console_script_and_python_m(store_and_expected, tmp_path):
-    store, expected = store_and_expected
+    store, _ = store_and_expected
     script = Path(sys.executable).parent / "infobatch-stream"
     commands = [[sys.executable, "-m", "infobatch_stream"]]
     if script.exists():  # installed with pip install -e .

@@ -20,7 +20,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from infobatch_stream.cli import storage_option
+from infobatch_stream.storage import storage_option
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -44,7 +44,8 @@ def write_split(out_fs, out_root: str, prefix: str, indices, images, labels, sha
     return len(names)
 
 
-def write_digits(out: str, shard_size: int = 500, storage_options: dict | None = None) -> tuple[str, str, int, int]:
+def write_digits(out: str, shard_size: int = 500,
+                 storage_options: dict | None = None) -> tuple[str, str, int, int]:
     """Write the split; returns (train pattern, test pattern, train size, test size)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split

@@ -19,8 +19,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import make_shards
-import train
+import make_shards  # noqa: E402 - found through HERE, put on sys.path just above
+import train  # noqa: E402
 
 MODES = {"baseline": ["--no-prune"], "infobatch": [], "random": ["--policy", "random"]}
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import webdataset as wds
 
 import infobatch_stream as ibs
-from infobatch_stream.cli import storage_option
+from infobatch_stream.storage import storage_option
 
 
 def build_model() -> torch.nn.Module:
@@ -40,12 +40,13 @@ def to_input(image: torch.Tensor) -> torch.Tensor:
     return (image[None] - 0.5) / 0.5
 
 
-def train_loader(args, ib: ibs.InfoBatch, epoch: int):
+def train_loader(args, stage, epoch: int):
+    """The epoch's loader, with ``stage`` (InfoBatch's) right after the tar reader."""
     urls = list(wds.shardlists.expand_urls(args.shards))
     seed = args.seed * 1_000_003 + epoch   # a fresh, reproducible order every epoch
     dataset = (wds.WebDataset(urls, shardshuffle=len(urls), seed=seed,
                               nodesplitter=wds.split_by_node, empty_check=False)
-               .compose(ib.stage())            # prune before decode
+               .compose(stage)                 # prune before decode
                .shuffle(2000, seed=seed)
                .decode("torchl")
                .to_tuple("png", "cls", "__key__", "__weight__")
@@ -58,7 +59,7 @@ def load_test(pattern: str) -> tuple[torch.Tensor, torch.Tensor]:
     dataset = (wds.WebDataset(list(wds.shardlists.expand_urls(pattern)), shardshuffle=False,
                               empty_check=False)
                .decode("torchl").to_tuple("png", "cls").map_tuple(to_input, None))
-    images, labels = zip(*dataset)
+    images, labels = zip(*dataset, strict=True)
     return torch.stack(images), torch.tensor(labels)
 
 
@@ -101,60 +102,87 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    ib, options = open_infobatch(args)
+    dataset_size = args.dataset_size or count_samples(args.shards)
+    test_images, test_labels = load_test(args.test)
+    torch.manual_seed(args.seed)
+    model = build_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+
+    history, started = [], time.perf_counter()
+    for epoch in ib.epochs():                       # commits each epoch to the score store
+        kept = ib.plan(dataset_size).samples        # exact, before the epoch starts
+        loader = train_loader(args, ib.stage(), epoch)
+        trained, loss_sum = train_one_epoch(args, ib, model, optimizer, loader, epoch, kept)
+        accuracy = evaluate(model, test_images, test_labels)
+        history.append({"epoch": epoch, "trained": trained, "pruned": dataset_size - kept,
+                        "train_loss": loss_sum / max(1, trained), "test_accuracy": accuracy})
+        if not args.quiet:
+            print_epoch(args, history[-1])
+    return save_summary(args, options, dataset_size, history, time.perf_counter() - started)
+
+
+def train_one_epoch(args, ib: ibs.InfoBatch, model, optimizer, loader, epoch: int,
+                    kept: int) -> tuple[int, float]:
+    """One pass over what the stage kept; returns (samples trained, their summed loss)."""
+    epoch_steps = max(1, kept // args.batch_size)
+    trained, loss_sum = 0, 0.0
+    model.train()
+    for step, (images, labels, keys, weights) in enumerate(ib.bound(loader)):  # same steps, every rank
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(args, epoch + min(step, epoch_steps - 1) / epoch_steps)
+        per_sample = F.cross_entropy(model(images), torch.as_tensor(labels), reduction="none")
+        loss = ib.update(per_sample, keys, weights)  # records the scores; the weighted mean
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        trained += len(keys)
+        loss_sum += per_sample.detach().sum().item()
+    return trained, loss_sum
+
+
+def evaluate(model, images: torch.Tensor, labels: torch.Tensor) -> float:
+    model.eval()
+    with torch.inference_mode():
+        return (model(images).argmax(1) == labels).float().mean().item()
+
+
+def open_infobatch(args) -> tuple[ibs.InfoBatch, dict]:
+    """The run's InfoBatch on a fresh store, and the storage options for shards and outputs."""
     options = dict(args.storage_option)
     if options:
         for url in (args.shards, args.test):
             if "://" in url:
                 ibs.set_shard_storage_options(url.split("://", 1)[0], **options)
-    out = args.out.rstrip("/")
-    ib = ibs.InfoBatch(args.store or f"{out}/scores", num_epochs=args.epochs,
+    ib = ibs.InfoBatch(args.store or f"{args.out.rstrip('/')}/scores", num_epochs=args.epochs,
                        prune_ratio=0.0 if args.no_prune else args.prune_ratio, delta=args.delta,
                        seed=args.seed, storage_options=options or None, policy=args.policy)
     if ib.epoch > 0:
         raise SystemExit(f"the store {ib.store.url} already holds epochs; use a new --out/--store")
-    dataset_size = args.dataset_size or sum(
-        1 for _ in wds.WebDataset(list(wds.shardlists.expand_urls(args.shards)),
-                                  shardshuffle=False, empty_check=False))
-    test_images, test_labels = load_test(args.test)
+    return ib, options
 
-    torch.manual_seed(args.seed)
-    model = build_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    history, started = [], time.perf_counter()
-    for epoch in ib.epochs():
-        kept = ib.plan(dataset_size).samples        # exact, before the epoch starts
-        pruned, epoch_steps = dataset_size - kept, max(1, kept // args.batch_size)
-        trained, loss_sum = 0, 0.0
-        model.train()
-        batches = ib.bound(train_loader(args, ib, epoch))
-        for step, (images, labels, keys, weights) in enumerate(batches):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(args, epoch + min(step, epoch_steps - 1) / epoch_steps)
-            per_sample = F.cross_entropy(model(images), torch.as_tensor(labels), reduction="none")
-            loss = ib.update(per_sample, keys, weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            trained += len(keys)
-            loss_sum += per_sample.detach().sum().item()
-        model.eval()
-        with torch.inference_mode():
-            accuracy = (model(test_images).argmax(1) == test_labels).float().mean().item()
-        history.append({"epoch": epoch, "trained": trained, "pruned": pruned,
-                        "train_loss": loss_sum / max(1, trained), "test_accuracy": accuracy})
-        if not args.quiet:
-            print(f"epoch {epoch:3d}/{args.epochs}  trained {trained:5d}  pruned {pruned:5d}  "
-                  f"train loss {loss_sum / max(1, trained):.4f}  test accuracy {accuracy:.4f}",
-                  flush=True)
 
+def count_samples(pattern: str) -> int:
+    return sum(1 for _ in wds.WebDataset(list(wds.shardlists.expand_urls(pattern)),
+                                         shardshuffle=False, empty_check=False))
+
+
+def print_epoch(args, h: dict) -> None:
+    print(f"epoch {h['epoch']:3d}/{args.epochs}  trained {h['trained']:5d}  pruned {h['pruned']:5d}  "
+          f"train loss {h['train_loss']:.4f}  test accuracy {h['test_accuracy']:.4f}", flush=True)
+
+
+def save_summary(args, options: dict, dataset_size: int, history: list[dict],
+                 seconds: float) -> dict:
+    """OUT/summary.json (OUT local or any fsspec URL), and the run's one-line result."""
     mode = "baseline" if args.no_prune else args.policy
+    pruned = sum(h["pruned"] for h in history)
     summary = {"mode": mode, "seed": args.seed, "epochs": args.epochs,
                "dataset_size": dataset_size, "trained": sum(h["trained"] for h in history),
-               "pruned": sum(h["pruned"] for h in history),
-               "saving": sum(h["pruned"] for h in history) / (dataset_size * max(1, len(history))),
+               "pruned": pruned, "saving": pruned / (dataset_size * max(1, len(history))),
                "test_accuracy": history[-1]["test_accuracy"] if history else math.nan,
-               "seconds": time.perf_counter() - started, "history": history}
-    fs, root = fsspec.core.url_to_fs(out, **options)
+               "seconds": seconds, "history": history}
+    fs, root = fsspec.core.url_to_fs(args.out.rstrip("/"), **options)
     fs.makedirs(root, exist_ok=True)
     fs.pipe_file(f"{root}/summary.json", json.dumps(summary, indent=1).encode())
     print(f"{mode} seed {args.seed}: test accuracy {summary['test_accuracy']:.4f}, "

@@ -96,7 +96,8 @@ def draw_face(image_id: int, size: int = 128) -> Image.Image:
                fill=tuple(int(c * 0.7) for c in hair), width=max(1, int(2.5 * u)))
 
     nose_y = cy + rng.uniform(0.12, 0.25) * h
-    d.line([fx + turn * 4 * u, eye_y + eye_h, fx + turn * 8 * u, nose_y], fill=shade, width=max(1, int(2 * u)))
+    d.line([fx + turn * 4 * u, eye_y + eye_h, fx + turn * 8 * u, nose_y], fill=shade,
+           width=max(1, int(2 * u)))
     d.line([fx + turn * 8 * u - 0.1 * w, nose_y, fx + turn * 8 * u + 0.1 * w, nose_y], fill=shade,
            width=max(1, int(2 * u)))
 
@@ -119,7 +120,8 @@ def draw_face(image_id: int, size: int = 128) -> Image.Image:
             ex = fx + side * gap * (1 - 0.3 * side * turn)
             d.ellipse([ex - eye_w * 1.6, eye_y - eye_w * 1.3, ex + eye_w * 1.6, eye_y + eye_w * 1.3],
                       outline=frame, width=max(1, int(2 * u)))
-        d.line([fx - gap + eye_w * 1.6, eye_y, fx + gap - eye_w * 1.6, eye_y], fill=frame, width=max(1, int(2 * u)))
+        d.line([fx - gap + eye_w * 1.6, eye_y, fx + gap - eye_w * 1.6, eye_y], fill=frame,
+               width=max(1, int(2 * u)))
 
     tilt = rng.normal(0, 8)                     # roll, in degrees
     img = img.rotate(tilt, resample=Image.BICUBIC, center=(cx, cy), fillcolor=background)

@@ -30,7 +30,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from infobatch_stream.cli import storage_option
+from infobatch_stream.storage import storage_option
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 FFHQ_FOLDERS = ("images1024x1024", "thumbnails128x128")

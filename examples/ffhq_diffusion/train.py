@@ -31,6 +31,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import fsspec
 import numpy as np
@@ -41,7 +42,7 @@ import webdataset as wds
 from fsspec.implementations.local import LocalFileSystem
 
 import infobatch_stream as ibs
-from infobatch_stream.cli import storage_option
+from infobatch_stream.storage import storage_option
 
 MODELS = {  # block_out_channels, layers_per_block, attention at the lowest resolution
     "tiny": ((32, 64, 64), 1, False),
@@ -112,8 +113,8 @@ def to_model_range(image: torch.Tensor, size: int) -> torch.Tensor:
     return image * 2 - 1
 
 
-def train_loader(args, ib: ibs.InfoBatch, epoch: int):
-    """The epoch's loader; the pruning stage comes right after the tar reader, before decode.
+def train_loader(args, stage, epoch: int):
+    """The epoch's loader; the pruning ``stage`` comes right after the tar reader, before decode.
 
     Built per epoch so the shard and sample shuffles are seeded by (seed, epoch): a resumed
     run sees the same order as an uninterrupted one.
@@ -123,7 +124,7 @@ def train_loader(args, ib: ibs.InfoBatch, epoch: int):
     dataset = (
         wds.WebDataset(urls, shardshuffle=len(urls), seed=shuffle_seed,
                        nodesplitter=wds.split_by_node, empty_check=False)
-        .compose(ib.stage())
+        .compose(stage)
         .shuffle(args.shuffle_buffer, seed=shuffle_seed)
         .decode("torchrgb")
         .to_tuple("png;jpg;jpeg", "__key__", "__weight__")
@@ -332,15 +333,80 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = setup_distributed()
+    options = storage_options(args)
+    out = Output(args.out, options)
+    store_url = args.store or out.path("scores")
+    trainer = build_trainer(args, device)
+    ib = ibs.InfoBatch(store_url, num_epochs=args.epochs, prune_ratio=prune_ratio(args),
+                       delta=args.delta, seed=args.seed, storage_options=options or None,
+                       policy=args.policy)
+    state = resume(args, out, ib, trainer, store_url)
+    history, train_seconds = (state["history"], state["train_seconds"]) if state else ([], 0.0)
+    dataset_size = args.dataset_size or count_samples(args.shards)
+    prepare_training(args, ib, trainer, dataset_size, state)
+    heldout = load_heldout(args) if rank() == 0 else None
+    log_setting(args, trainer, dataset_size, store_url)
+
+    for epoch in ib.epochs():                           # resumes from the store after a restart
+        started, cpu_started = time.perf_counter(), time.process_time()
+        plan = ib.plan(dataset_size)                    # exact: decided from the committed snapshot
+        loader = train_loader(args, ib.stage(), epoch)  # the stage prunes before decode
+        trained, loss_sum, steps = train_one_epoch(args, ib, trainer, loader, epoch, plan.samples)
+        held, eval_seconds, eval_cpu = evaluate(args, trainer, heldout)
+        ib.end_epoch()                                  # all ranks flush, rank 0 commits
+        seconds = time.perf_counter() - started - eval_seconds   # training only
+        train_seconds += seconds
+        history.append(epoch_record(
+            history, epoch=epoch, trained=trained, pruned=dataset_size - plan.samples, steps=steps,
+            dataset_size=dataset_size, loss_sum=loss_sum, held=held, lr=trainer.lr, seconds=seconds,
+            cpu_seconds=time.process_time() - cpu_started - eval_cpu, eval_seconds=eval_seconds,
+            threshold=plan.rule.threshold))
+        if rank() == 0:
+            save_checkpoint(out, args, trainer, ib, epoch, history, train_seconds)
+        log_epoch(args, history[-1])
+
+    summary = summarize(args, dataset_size, history, train_seconds)
+    if rank() == 0 and history:
+        write_outputs(args, out, trainer, history, summary)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+# -- the steps of main ------------------------------------------------------------------------
+
+@dataclass
+class Trainer:
+    """The model and what trains it, on ``device``."""
+
+    model: torch.nn.Module
+    net: torch.nn.Module                     # what the forward pass calls: the model or its DDP
+    noise_scheduler: object                  # diffusers' DDPMScheduler
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    lr_schedule: object | None = None        # OneCycleLR, with --lr-schedule onecycle
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+def prune_ratio(args) -> float:
+    return 0.0 if args.no_prune else args.prune_ratio
+
+
+def storage_options(args) -> dict:
+    """The --storage-option pairs, also handed to webdataset for the shards' URLs."""
     options = dict(args.storage_option)
     if options:  # the shards' URLs are opened by webdataset, in the DataLoader workers
         for url in filter(None, (args.shards, args.heldout)):
             if "://" in url:
                 ibs.set_shard_storage_options(url.split("://", 1)[0], **options)
-    out = Output(args.out, options)
-    store_url = args.store or out.path("scores")
-    prune_ratio = 0.0 if args.no_prune else args.prune_ratio
+    return options
 
+
+def build_trainer(args, device) -> Trainer:
     from diffusers import DDPMScheduler
 
     torch.manual_seed(args.seed)   # model init; the training noise has its own generator
@@ -348,112 +414,150 @@ def main(argv: list[str] | None = None) -> dict:
     noise_scheduler = DDPMScheduler(num_train_timesteps=args.train_timesteps,
                                     beta_schedule="squaredcos_cap_v2")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    ib = ibs.InfoBatch(store_url, num_epochs=args.epochs, prune_ratio=prune_ratio,
-                       delta=args.delta, seed=args.seed, storage_options=options or None,
-                       policy=args.policy)
+    return Trainer(model, model, noise_scheduler, optimizer, device)
 
-    history: list[dict] = []
-    train_seconds = 0.0
+
+def resume(args, out: Output, ib: ibs.InfoBatch, trainer: Trainer, store_url: str) -> dict | None:
+    """With --resume, load OUT/checkpoint.pt into ``ib`` and the trainer and return it.
+
+    Without --resume, a store that already holds epochs is refused: never train over it.
+    """
     checkpoint = out.read(CHECKPOINT) if args.resume else None
     if checkpoint is not None:
         state = torch.load(io.BytesIO(checkpoint), map_location="cpu", weights_only=True)
         ib.load_state_dict(state["infobatch"])
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        history, train_seconds = state["history"], state["train_seconds"]
+        trainer.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
         log(f"resumed from {out.path(CHECKPOINT)} (epoch {state['epoch']} done); "
             f"continuing at epoch {ib.epoch}")
-    elif ib.epoch > 0 and not args.resume:
+        return state
+    if ib.epoch > 0 and not args.resume:
         raise SystemExit(f"the store {store_url} already holds epochs 0..{ib.epoch - 1}: pass "
                          f"--resume to continue that run, or a new --store / --out")
-    elif args.resume:
+    if args.resume:
         log(f"--resume: no checkpoint at {out.path(CHECKPOINT)}; starting at epoch {ib.epoch}")
+    return None
 
-    dataset_size = args.dataset_size or count_samples(args.shards)
-    lr_schedule = None
+
+def prepare_training(args, ib: ibs.InfoBatch, trainer: Trainer, dataset_size: int,
+                     state: dict | None) -> None:
+    """The OneCycle schedule if asked for (restored from ``state``), and DDP when distributed."""
     if args.lr_schedule == "onecycle":
         # The run's step budget, fixed now; bound() keeps every epoch within it.
         plan = ib.plan_steps(dataset_size=dataset_size, batch_size=args.batch_size)
-        lr_schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=args.lr, total_steps=max(1, plan.total_steps),
+        trainer.lr_schedule = torch.optim.lr_scheduler.OneCycleLR(
+            trainer.optimizer, max_lr=args.lr, total_steps=max(1, plan.total_steps),
             pct_start=min(0.5, args.warmup / args.epochs), cycle_momentum=False)
-        if checkpoint is not None:
-            lr_schedule.load_state_dict(state["lr_scheduler"])
-    net = model
+        if state is not None:
+            trainer.lr_schedule.load_state_dict(state["lr_scheduler"])
     if dist.is_initialized():
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+        trainer.net = torch.nn.parallel.DistributedDataParallel(
+            trainer.model, device_ids=[trainer.device.index] if trainer.device.type == "cuda" else None)
 
-    heldout = load_heldout(args) if rank() == 0 else None
-    log(f"{'baseline (no pruning)' if args.no_prune else f'InfoBatch r={prune_ratio} delta={args.delta} policy={args.policy}'}"
-        f": {dataset_size} samples, {args.epochs} epochs, "
+
+def train_one_epoch(args, ib: ibs.InfoBatch, trainer: Trainer, loader, epoch: int,
+                    kept: int) -> tuple[int, float, int]:
+    """One pass over what the stage kept: (samples trained and their summed loss, over all
+    ranks; this rank's steps)."""
+    epoch_steps = max(1, kept // (args.batch_size * world_size()))
+    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch * 1009 + rank())
+    trained, loss_sum, steps = 0, 0.0, 0
+    for images, keys, weights in ib.bound(loader):      # the same number of steps on every rank
+        per_sample = per_sample_loss(args, trainer, images, generator)
+        loss = ib.update(per_sample, keys, weights)     # records the scores; the weighted mean
+        optimizer_step(args, trainer, loss, epoch + min(steps, epoch_steps - 1) / epoch_steps)
+        trained += len(images)
+        loss_sum += per_sample.detach().sum().item()
+        steps += 1
+    totals = torch.tensor([trained, loss_sum], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    return int(totals[0]), float(totals[1]), steps
+
+
+def per_sample_loss(args, trainer: Trainer, images: torch.Tensor, generator) -> torch.Tensor:
+    """Each image's noise-prediction MSE, randomly flipped, at a random timestep."""
+    flip = torch.rand(len(images), generator=generator) < 0.5
+    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    noise = torch.randn(images.shape, generator=generator)
+    t = torch.randint(0, args.train_timesteps, (len(images),), generator=generator)
+    noisy = trainer.noise_scheduler.add_noise(images, noise, t)
+    pred = trainer.net(noisy.to(trainer.device), t.to(trainer.device)).sample
+    return F.mse_loss(pred.float(), noise.to(trainer.device), reduction="none").mean(dim=(1, 2, 3))
+
+
+def optimizer_step(args, trainer: Trainer, loss: torch.Tensor, progress: float) -> None:
+    """Backpropagate ``loss`` and step; the cosine schedule sets the LR from epoch ``progress``."""
+    if trainer.lr_schedule is None:
+        lr = learning_rate(args, progress)
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = lr
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), 1.0)
+    trainer.optimizer.step()
+    if trainer.lr_schedule is not None:
+        trainer.lr_schedule.step()
+
+
+def evaluate(args, trainer: Trainer, heldout: torch.Tensor | None) -> tuple[float | None, float, float]:
+    """The held-out loss (None without held-out images), and the wall and CPU seconds it took."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+    held = heldout_loss(trainer.model, trainer.noise_scheduler, heldout, args.eval_timesteps,
+                        trainer.device) if heldout is not None else None
+    return held, time.perf_counter() - started, time.process_time() - cpu_started
+
+
+def epoch_record(history: list[dict], *, epoch: int, trained: int, pruned: int, steps: int,
+                 dataset_size: int, loss_sum: float, held: float | None, lr: float, seconds: float,
+                 cpu_seconds: float, eval_seconds: float, threshold: float | None) -> dict:
+    """The epoch's line of the history (``history``: the epochs before it)."""
+    pruned_so_far = pruned + sum(h["pruned"] for h in history)
+    return {
+        "epoch": epoch, "trained": trained, "pruned": pruned, "steps": steps,
+        "dataset_size": dataset_size,
+        "cumulative_saving": pruned_so_far / (dataset_size * (len(history) + 1)),
+        "train_loss": loss_sum / max(1, trained), "heldout_loss": held,
+        "lr": lr, "seconds": seconds, "cpu_seconds": cpu_seconds, "eval_seconds": eval_seconds,
+        "threshold": threshold,
+    }
+
+
+def save_checkpoint(out: Output, args, trainer: Trainer, ib: ibs.InfoBatch, epoch: int,
+                    history: list[dict], train_seconds: float) -> None:
+    """OUT/checkpoint.pt, replaced whole: everything --resume needs, ib.state_dict() included."""
+    lr_schedule = trainer.lr_schedule
+    buffer = io.BytesIO()
+    torch.save({"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+                "lr_scheduler": None if lr_schedule is None else lr_schedule.state_dict(),
+                "infobatch": ib.state_dict(),
+                "epoch": epoch, "history": history, "train_seconds": train_seconds,
+                "args": vars(args)}, buffer)
+    out.write(CHECKPOINT, buffer.getvalue())
+
+
+def log_setting(args, trainer: Trainer, dataset_size: int, store_url: str) -> None:
+    setting = ("baseline (no pruning)" if args.no_prune
+               else f"InfoBatch r={prune_ratio(args)} delta={args.delta} policy={args.policy}")
+    log(f"{setting}: {dataset_size} samples, {args.epochs} epochs, "
         f"batch {args.batch_size} x {world_size()} ranks, model {args.model} "
-        f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
+        f"({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M params), "
         f"{args.image_size}px, store {store_url}")
 
-    for epoch in ib.epochs():
-        started, cpu_started = time.perf_counter(), time.process_time()
-        epoch_plan = ib.plan(dataset_size)          # exact: decided from the committed snapshot
-        epoch_steps = max(1, epoch_plan.samples // (args.batch_size * world_size()))
-        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch * 1009 + rank())
-        trained, loss_sum, steps = 0, 0.0, 0
-        for images, keys, weights in ib.bound(train_loader(args, ib, epoch)):
-            flip = torch.rand(len(images), generator=generator) < 0.5
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-            noise = torch.randn(images.shape, generator=generator)
-            t = torch.randint(0, args.train_timesteps, (len(images),), generator=generator)
-            noisy = noise_scheduler.add_noise(images, noise, t)
-            pred = net(noisy.to(device), t.to(device)).sample
-            per_sample = F.mse_loss(pred.float(), noise.to(device), reduction="none").mean(dim=(1, 2, 3))
-            loss = ib.update(per_sample, keys, weights)
-            if lr_schedule is None:
-                lr = learning_rate(args, epoch + min(steps, epoch_steps - 1) / epoch_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            if lr_schedule is not None:
-                lr_schedule.step()
-            trained += len(images)
-            loss_sum += per_sample.detach().sum().item()
-            steps += 1
-        totals = torch.tensor([trained, loss_sum], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(totals)
-        eval_started, eval_cpu_started = time.perf_counter(), time.process_time()
-        held = heldout_loss(model, noise_scheduler, heldout, args.eval_timesteps, device) \
-            if heldout is not None else None
-        eval_seconds = time.perf_counter() - eval_started
-        eval_cpu = time.process_time() - eval_cpu_started
-        ib.end_epoch()                              # all ranks flush, rank 0 commits
-        seconds = time.perf_counter() - started - eval_seconds   # training only
-        train_seconds += seconds
-        pruned = dataset_size - epoch_plan.samples
-        pruned_so_far = pruned + sum(h["pruned"] for h in history)
-        history.append({
-            "epoch": epoch, "trained": int(totals[0]), "pruned": pruned, "steps": steps,
-            "dataset_size": dataset_size,
-            "cumulative_saving": pruned_so_far / (dataset_size * (len(history) + 1)),
-            "train_loss": float(totals[1] / max(1, totals[0])), "heldout_loss": held,
-            "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
-            "cpu_seconds": time.process_time() - cpu_started - eval_cpu,
-            "eval_seconds": eval_seconds,
-            "threshold": epoch_plan.rule.threshold,
-        })
-        if rank() == 0:
-            out.write(CHECKPOINT, _checkpoint_bytes(model, optimizer, lr_schedule, ib, epoch,
-                                                    history, train_seconds, args))
-        h = history[-1]
-        log(f"epoch {epoch:3d}/{args.epochs}  trained {h['trained']:6d}  pruned {pruned:6d} "
-            f"({100 * pruned / dataset_size:4.1f}%)  saved so far {100 * h['cumulative_saving']:4.1f}%"
-            f"  train loss {h['train_loss']:.4f}  held-out "
-            f"{'-' if held is None else f'{held:.4f}'}  lr {h['lr']:.2e}  {seconds:5.1f}s"
-            f" (+{eval_seconds:.1f}s eval)"
-            f"  [checkpoint epoch {epoch}]")
 
-    summary = {
+def log_epoch(args, h: dict) -> None:
+    held = h["heldout_loss"]
+    log(f"epoch {h['epoch']:3d}/{args.epochs}  trained {h['trained']:6d}  pruned {h['pruned']:6d} "
+        f"({100 * h['pruned'] / h['dataset_size']:4.1f}%)  "
+        f"saved so far {100 * h['cumulative_saving']:4.1f}%"
+        f"  train loss {h['train_loss']:.4f}  held-out "
+        f"{'-' if held is None else f'{held:.4f}'}  lr {h['lr']:.2e}  {h['seconds']:5.1f}s"
+        f" (+{h['eval_seconds']:.1f}s eval)"
+        f"  [checkpoint epoch {h['epoch']}]")
+
+
+def summarize(args, dataset_size: int, history: list[dict], train_seconds: float) -> dict:
+    return {
         "mode": "baseline" if args.no_prune else args.policy, "seed": args.seed,
         "epochs": args.epochs, "dataset_size": dataset_size, "lr_schedule": args.lr_schedule,
         "steps": sum(h["steps"] for h in history),
@@ -464,34 +568,22 @@ def main(argv: list[str] | None = None) -> dict:
         "train_seconds": train_seconds,
         "train_cpu_seconds": sum(h["cpu_seconds"] for h in history), "history": history,
     }
-    if rank() == 0 and history:
-        samples = generate(model, noise_scheduler, args.sample_images, args.image_size,
-                           args.sample_steps, device)
-        out.write("samples.png", image_grid_png(samples, scale=max(1, 96 // args.image_size)))
-        title = "baseline (no pruning)" if args.no_prune else \
-            f"{'InfoBatch' if args.policy == 'infobatch' else 'random pruning'} (r={prune_ratio})"
-        out.write("curves.png", curves_png(history, f"{title}, seed {args.seed}"))
-        out.write("summary.json", json.dumps(summary, indent=1).encode())
-        log(f"done: {summary['trained']} samples trained in {summary['steps']} steps, "
-            f"{100 * summary['saving']:.1f}% pruned, final held-out loss "
-            f"{summary['final_heldout_loss']}, {train_seconds:.1f}s training (without the "
-            f"held-out evaluation); "
-            f"wrote {out.path('samples.png')}, {out.path('curves.png')}, {out.path('summary.json')}")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return summary
 
 
-def _checkpoint_bytes(model, optimizer, lr_schedule, ib, epoch, history, train_seconds,
-                      args) -> bytes:
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "lr_scheduler": None if lr_schedule is None else lr_schedule.state_dict(),
-                "infobatch": ib.state_dict(),
-                "epoch": epoch, "history": history, "train_seconds": train_seconds,
-                "args": vars(args)}, buffer)
-    return buffer.getvalue()
+def write_outputs(args, out: Output, trainer: Trainer, history: list[dict], summary: dict) -> None:
+    """OUT/samples.png (faces generated by the trained model), curves.png and summary.json."""
+    samples = generate(trainer.model, trainer.noise_scheduler, args.sample_images, args.image_size,
+                       args.sample_steps, trainer.device)
+    out.write("samples.png", image_grid_png(samples, scale=max(1, 96 // args.image_size)))
+    title = "baseline (no pruning)" if args.no_prune else \
+        f"{'InfoBatch' if args.policy == 'infobatch' else 'random pruning'} (r={prune_ratio(args)})"
+    out.write("curves.png", curves_png(history, f"{title}, seed {args.seed}"))
+    out.write("summary.json", json.dumps(summary, indent=1).encode())
+    log(f"done: {summary['trained']} samples trained in {summary['steps']} steps, "
+        f"{100 * summary['saving']:.1f}% pruned, final held-out loss "
+        f"{summary['final_heldout_loss']}, {summary['train_seconds']:.1f}s training (without the "
+        f"held-out evaluation); "
+        f"wrote {out.path('samples.png')}, {out.path('curves.png')}, {out.path('summary.json')}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from . import __version__
 from .stages.plan import plan_epoch
 from .stages.policy import InfoBatchPolicy, check_prune_ratio
 from .storage import Manifest, ScoreSnapshot, ScoreStore, StoreError, fsio, layout
-from .storage.options import add_storage_option_argument, storage_option  # noqa: F401 (was here)
+from .storage.options import add_storage_option_argument
 
 QUANTILES = (("min", 0.0), ("p1", 0.01), ("p10", 0.10), ("p25", 0.25), ("p50", 0.50),
              ("p75", 0.75), ("p90", 0.90), ("p99", 0.99), ("max", 1.0))

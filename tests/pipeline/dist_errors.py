@@ -24,7 +24,7 @@ if where == "flush" and rank == 1:
 
 ib = ibs.InfoBatch(store_url, num_epochs=3)
 try:
-    for epoch in ib.epochs():
+    for _epoch in ib.epochs():
         ib.update(torch.ones(4), [f"r{rank}-{i}" for i in range(4)])
 except Exception as exc:
     print(f"rank {rank} raised {type(exc).__name__}: {exc}", flush=True)

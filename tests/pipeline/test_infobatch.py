@@ -18,7 +18,7 @@ def keys_of(n: int, prefix: str = "k") -> list[str]:
 
 def run_epoch(ib: ibs.InfoBatch, keys: list[str], losses: np.ndarray) -> None:
     """Train one epoch on samples the stage lets through, recording ``losses`` (by key)."""
-    by_key = dict(zip(keys, losses))
+    by_key = dict(zip(keys, losses, strict=True))
     samples = list(_soft_prune([{"__key__": k} for k in keys], ib.store, ib.policy))
     kept = [s["__key__"] for s in samples]
     if kept:
@@ -145,7 +145,7 @@ def test_state_dict_is_json_and_round_trips(tmp_path, ib):
 
 def test_load_state_dict_refuses_other_settings(tmp_path, ib):
     state = ib.state_dict()
-    with pytest.raises(ValueError, match="prune_ratio=0.5"):
+    with pytest.raises(ValueError, match=r"prune_ratio=0\.5"):
         ibs.InfoBatch(tmp_path / "store", num_epochs=6, prune_ratio=0.3).load_state_dict(state)
     with pytest.raises(ValueError, match="seed=0"):
         ibs.InfoBatch(tmp_path / "store", num_epochs=6, seed=1).load_state_dict(state)
@@ -174,7 +174,7 @@ def test_plan_steps_budget_keeps_every_epoch_within_the_total(tmp_path):
     rng = np.random.default_rng(2)
     keys = keys_of(1000)
     taken = []
-    for epoch in ib.epochs():
+    for _epoch in ib.epochs():
         batches = list(ib.bound([keys[i:i + 10] for i in range(0, 1000, 10)]))
         taken.append(len(batches))
         run_epoch(ib, keys, rng.exponential(size=1000).astype(np.float32))
@@ -271,7 +271,7 @@ def test_a_low_first_estimate_is_spread_over_the_remaining_epochs(tmp_path):
     assert len(cuts) == sum(t < e for t, e in zip(taken, exact, strict=True))
     assert sum(taken) <= plan.total_steps
     assert plan.total_steps - sum(taken) <= max(taken)
-    shares = [t / e for t, e in zip(taken, exact)]
+    shares = [t / e for t, e in zip(taken, exact, strict=True)]
     assert min(shares) > 0.85, shares  # a front-loaded cut would take ~30% of epoch 1
     assert shares[0] == 1.0  # epoch 0 was planned exactly
 

@@ -34,7 +34,7 @@ def big_store(tmp_path_factory) -> BigStore:
     known = keys_of(100_000)
     unseen = keys_of(10_000, prefix="new-")
     values = np.random.default_rng(7).lognormal(0.0, 0.75, len(known)).astype(np.float32)
-    scores = dict(zip(known, values.tolist()))
+    scores = dict(zip(known, values.tolist(), strict=True))
     store = ibs.ScoreStore(str(root / "scores"), cache_dir=str(root / "cache"))
     fill_store(store, scores, epoch=0)
     return BigStore(store.url, known, unseen, scores)
@@ -67,7 +67,7 @@ def shards(tmp_path_factory) -> Shards:
     paths, keys, counts = write_shards(root / "data", 2400)
     rng = np.random.default_rng(3)
     known = [k for i, k in enumerate(keys) if i % 10]
-    scores = dict(zip(known, rng.exponential(1.0, len(known)).astype(np.float32).tolist()))
+    scores = dict(zip(known, rng.exponential(1.0, len(known)).astype(np.float32).tolist(), strict=True))
     store = ibs.ScoreStore(str(root / "scores"), cache_dir=str(root / "cache"))
     fill_store(store, scores, epoch=0)
     return Shards(paths, keys, counts, store.url, scores)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import webdataset as wds
@@ -84,7 +84,7 @@ def fill_store(store: ibs.ScoreStore, scores: dict[str, float], epoch: int) -> N
 def snapshot_scores(store: ibs.ScoreStore, keys: list[str]) -> dict[str, float]:
     """{key: last score} of the keys the latest snapshot knows (what epoch latest+1 prunes from)."""
     values = store.snapshot().lookup(keys)
-    return {k: float(v) for k, v in zip(keys, values.tolist()) if not math.isnan(v)}
+    return {k: float(v) for k, v in zip(keys, values.tolist(), strict=True) if not math.isnan(v)}
 
 
 def memory_samples(keys: Iterable[str], url: str = "mem://shard-0000.tar") -> list[dict]:

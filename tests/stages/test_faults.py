@@ -39,7 +39,8 @@ def tars(tmp_path_factory):
                 sink.write({"__key__": key, "bin": bytes(2000 + i), "cls": i})
         paths.append(str(path))
         keys.append(shard_keys)
-    raw = open(paths[1], "rb").read()
+    with open(paths[1], "rb") as f:
+        raw = f.read()
     # each sample is two members, "bin" then "cls": cut inside the data of the "cls" member
     # (2 bytes: "21") of a sample past the middle
     import tarfile
@@ -141,7 +142,7 @@ class _Slow(io.RawIOBase):
     """A file that hands out at most 700 bytes per read, 0.2 ms apart."""
 
     def __init__(self, path: str):
-        self._file = open(path, "rb")
+        self._file = open(path, "rb")  # noqa: SIM115 - a stream: close() closes it
 
     def readable(self) -> bool:
         return True

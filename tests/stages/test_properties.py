@@ -80,12 +80,12 @@ def test_every_sample_is_decided_or_handled_exactly_once(store, keys, window) ->
     good = [s for s in samples if s["i"] not in bad]
     hashes = np.array([key_hash(s["__key__"]) for s in good], np.uint64)
     weights = rule.weights(hashes, store.snapshot().lookup(hashes))
-    assert yielded == [s["i"] for s, w in zip(good, weights) if w]
+    assert yielded == [s["i"] for s, w in zip(good, weights, strict=True) if w]
     for sample in out:
         assert sample["__key_hash__"] == np.int64(np.uint64(key_hash(sample["__key__"]))
                                                   ).item()
     by_hash: dict[int, float] = {}
-    for h, w in zip(hashes.tolist(), weights.tolist()):  # same key anywhere: same fate
+    for h, w in zip(hashes.tolist(), weights.tolist(), strict=True):  # same key anywhere: same fate
         assert by_hash.setdefault(h, w) == w
 
     if bad:  # the default handler re-raises the first bad sample's error

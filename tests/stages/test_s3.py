@@ -96,5 +96,5 @@ def test_missing_s3_shard_names_the_url(s3_server, s3_bucket, s3_shards, shards,
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
     ib = ibs.InfoBatch(shards.store(cache_dir), num_epochs=10)
     url = f"s3://{s3_bucket}/data/shard-9999.tar"
-    with pytest.raises(FileNotFoundError, match="shard-9999.tar"):
+    with pytest.raises(FileNotFoundError, match=r"shard-9999\.tar"):
         list(loader(url, ib, 0))

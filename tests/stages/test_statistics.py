@@ -17,9 +17,7 @@ import xxhash
 
 import infobatch_stream as ibs
 
-from .helpers import (
-    decisions, fill_store, kept, keys_of, memory_samples, reference_weights, snapshot_scores,
-)
+from .helpers import decisions, fill_store, kept, keys_of, memory_samples, reference_weights, snapshot_scores
 
 SIGMAS = 5
 
@@ -102,7 +100,7 @@ def test_annealing_epochs_keep_everything_with_weight_one(tmp_path, cache_dir, n
                                                           delta, start):
     assert ibs.annealing_start(num_epochs, delta) == start  # 0.29 x 100 is 29, not 28
     keys = keys_of(5_000)
-    scores = dict(zip(keys, np.random.default_rng(1).exponential(1.0, len(keys)).tolist()))
+    scores = dict(zip(keys, np.random.default_rng(1).exponential(1.0, len(keys)).tolist(), strict=True))
     store = ibs.ScoreStore(str(tmp_path / "scores"), cache_dir=cache_dir)
     fill_store(store, scores, epoch=0)
     for epoch in range(1, start - 1):  # epochs that trained no sample: the scores stay

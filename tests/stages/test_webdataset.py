@@ -19,7 +19,13 @@ from infobatch_stream.stages.keyfn import MissingKeyError
 from infobatch_stream.storage import ScoreSnapshot
 
 from .helpers import (
-    brace_url, decisions, fill_store, kept, memory_samples, pairs, reference_weights,
+    brace_url,
+    decisions,
+    fill_store,
+    kept,
+    memory_samples,
+    pairs,
+    reference_weights,
     snapshot_scores,
 )
 
@@ -246,7 +252,7 @@ def test_a_key_that_is_not_a_string_names_its_shard(cache_dir, tmp_path):
         return sample.get("score", sample["__key__"])  # a float for one sample
 
     stage = ibs.InfoBatch(store, num_epochs=10, key=bad_key).stage()
-    with pytest.raises(TypeError, match="shard s3://bucket/shard-0007.tar"):
+    with pytest.raises(TypeError, match=r"shard s3://bucket/shard-0007\.tar"):
         list(stage(iter([dict(s) for s in samples])))
     skipping = ibs.InfoBatch(store, num_epochs=10, key=bad_key).stage(handler=wds.ignore_and_continue)
     assert [s["__key__"] for s in skipping(iter(samples))] == [f"k{i}" for i in range(20) if i != 4]

@@ -60,7 +60,7 @@ def test_workers_follow_a_commit_between_epochs(shards, tmp_path, cache_dir, per
     # the trainer records new losses (another ranking; some keys seen for the first time)
     # and commits epoch 1
     new_losses = {k: 5.0 - v for k, v in list(shards.scores.items())[::3]}
-    new_losses.update({k: 0.01 for k in shards.keys[::10][:100]})
+    new_losses.update(dict.fromkeys(shards.keys[::10][:100], 0.01))
     fill_store(store, new_losses, epoch=1)
     workers = [w.pid for w in data_loader._iterator._workers] if persistent else None
     second = pairs(data_loader)  # the same loader (and, when persistent, the same processes)

@@ -28,8 +28,7 @@ import types
 from tests.storage._storage_only import assert_storage_only, import_storage
 
 storage = import_storage()
-from infobatch_stream.storage import cache, fsio  # noqa: E402
-from infobatch_stream.storage import retention  # noqa: E402
+from infobatch_stream.storage import cache, fsio, retention  # noqa: E402
 from infobatch_stream.storage import commit as commit_module  # noqa: E402
 
 
@@ -135,7 +134,8 @@ def main() -> None:
         _, status = os.waitpid(pid, 0)
         killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
         try:
-            steps = open(request["log"]).read().splitlines()
+            with open(request["log"]) as f:
+                steps = f.read().splitlines()
         except FileNotFoundError:
             steps = []
         reply = {"killed": killed, "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,

@@ -38,7 +38,8 @@ def touch(path: str) -> None:
 
 
 def main() -> None:
-    args = json.loads(open(sys.argv[1]).read())
+    with open(sys.argv[1]) as f:
+        args = json.load(f)
     sync = args["sync_dir"]
     downloads = []
     real_get_file = fsio.get_file

@@ -42,7 +42,8 @@ def main() -> None:
     fsio.read_bytes = slow(fsio.read_bytes)
     fsio.get_file = slow(fsio.get_file)
     ScoreSnapshot.open = staticmethod(slow(ScoreSnapshot.open))
-    args = json.loads(open(sys.argv[1]).read())
+    with open(sys.argv[1]) as f:
+        args = json.load(f)
     store = storage.ScoreStore(args["url"], storage_options=args["storage_options"],
                                cache_dir=args["cache_dir"], keep_snapshots=1)
     hashes = np.load(args["hashes"])

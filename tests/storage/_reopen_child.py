@@ -16,7 +16,8 @@ storage = import_storage()
 
 
 def main() -> None:
-    args = json.loads(open(sys.argv[1]).read())
+    with open(sys.argv[1]) as f:
+        args = json.load(f)
     store = storage.ScoreStore(args["url"], storage_options=args["storage_options"],
                                cache_dir=args["cache_dir"])
     hashes = np.load(args["hashes"])

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -40,7 +41,7 @@ class Backend:
         return ScoreStore(self.url, storage_options=self.storage_options,
                           cache_dir=cache_dir or self.new_cache_dir(), **kwargs)
 
-    def sibling(self, name: str) -> "Backend":
+    def sibling(self, name: str) -> Backend:
         """Another URL on the same backend (next to this one)."""
         root = f"{self.root.rsplit('/', 1)[0]}/{name}"
         url = root if self.name == "local" else f"s3://{root}"

@@ -57,7 +57,7 @@ class Reference:
         self.writes[epoch] = self.writes.get(epoch, 0) + len(idx)
         self.touched.setdefault(epoch, set()).update(uniq.tolist())
 
-    def copy(self) -> "Reference":
+    def copy(self) -> Reference:
         other = Reference(self.hashes)
         other.scores = self.scores.copy()
         other.epochs = self.epochs.copy()

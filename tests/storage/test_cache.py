@@ -124,7 +124,8 @@ def test_a_damaged_cached_copy_is_downloaded_again(backend: Backend, caplog, dam
     assert backend.open(cache_dir=cache_dir).snapshot().lookup(["a"]).tolist() == [1.0]
     directory = cache.store_cache_dir(cache_dir, store.fs, store.root)
     cached = os.path.join(directory, manifest.snapshot.rsplit("/", 1)[-1])
-    raw = bytearray(open(cached, "rb").read())
+    with open(cached, "rb") as f:
+        raw = bytearray(f.read())
     if damage == "flipped":
         scores = backend.open(cache_dir=cache_dir).snapshot().scores.tobytes()
         at = bytes(raw).find(scores)

@@ -30,7 +30,7 @@ import pytest
 from infobatch_stream.storage import cache, layout
 
 from .conftest import Backend
-from .helpers import REPO, Reference, child_env, assert_snapshot_matches, key_strings, ref_hashes
+from .helpers import REPO, Reference, assert_snapshot_matches, child_env, key_strings, ref_hashes
 
 HELPER = REPO / "tests" / "storage" / "_crash_commit.py"
 KEEP = 2  # committing epoch 2 also retires epoch 0: its manifest and snapshot are deleted
@@ -76,7 +76,8 @@ def copy_store(backend: Backend, name: str) -> Backend:
 class CrashServer:
     def __init__(self, tmp_path, env: dict[str, str]):
         full_env = child_env(env)
-        self.stderr = open(tmp_path / "crash-helper.stderr", "w+")
+        # open for the helper's whole life: read back when it dies or when the server is closed
+        self.stderr = open(tmp_path / "crash-helper.stderr", "w+")  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, str(HELPER)], cwd=REPO, env=full_env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.stderr, text=True)

@@ -29,7 +29,7 @@ def kind_of(path: str) -> str:
     """'arrow', 'json' or 'lock' (an empty cache lock file); fails on anything else."""
     import pyarrow as pa
 
-    raw = open(path, "rb").read()
+    raw = Path(path).read_bytes()
     if raw.startswith(ARROW_MAGIC) and raw.endswith(ARROW_MAGIC):
         with pa.ipc.open_file(pa.BufferReader(raw)) as reader:
             meta = reader.schema.metadata or {}

@@ -22,7 +22,7 @@ import xxhash
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from infobatch_stream.storage import ScoreStore, RetryPolicy, hash_keys, layout
+from infobatch_stream.storage import RetryPolicy, ScoreStore, hash_keys, layout
 
 U64 = 1 << 64
 PROPERTY = settings(max_examples=60, deadline=None,
@@ -110,7 +110,7 @@ class Model:
         self.rejected_flushed = 0
 
     def record(self, hashes: list[int], values: np.ndarray) -> None:
-        for h, v in zip(hashes, values.tolist()):
+        for h, v in zip(hashes, values.tolist(), strict=True):
             if math.isfinite(v):
                 self.buffer.append((h, v))
             else:
@@ -259,7 +259,7 @@ INFOBATCH_SETTINGS = {
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # nothing is written
 @given(value=any_value)
 def test_any_setting_is_accepted_in_its_domain_or_refused_naming_it(tmp_path, name, value) -> None:
-    if name in STORE_SETTINGS and name not in INFOBATCH_SETTINGS or name == "epoch":
+    if (name in STORE_SETTINGS and name not in INFOBATCH_SETTINGS) or name == "epoch":
         call, valid = STORE_SETTINGS[name]
         make = lambda: call(str(tmp_path / "store"), value)  # noqa: E731
     else:

@@ -24,7 +24,7 @@ def snapshot_of(hashes: np.ndarray, seed: int = 0) -> tuple[ScoreSnapshot, dict[
     scores = np.random.default_rng(seed).random(len(hashes)).astype(np.float32)
     mean = float(scores.astype(np.float64).mean()) if len(hashes) else None
     snap = ScoreSnapshot(0, hashes, scores, np.zeros(len(hashes), np.uint32), mean)
-    return snap, dict(zip(hashes.tolist(), scores.tolist()))
+    return snap, dict(zip(hashes.tolist(), scores.tolist(), strict=True))
 
 
 def check_lookups(snap: ScoreSnapshot, truth: dict[int, float], queries: np.ndarray) -> None:

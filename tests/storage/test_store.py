@@ -207,7 +207,7 @@ def test_a_late_flush_is_warned_reported_and_removed_by_the_next_commit(backend:
     assert store.leftover_deltas() == {0: [relpath]}
     caplog.clear()
     _commit_epoch(store, 1, ["b"], [5.0])
-    assert f"1 delta file(s) of epoch 0 were never merged" in caplog.text and relpath in caplog.text
+    assert "1 delta file(s) of epoch 0 were never merged" in caplog.text and relpath in caplog.text
     assert store.leftover_deltas() == {}
     assert not any(p.startswith(layout.DELTAS) for p in backend.visible())
 
@@ -380,7 +380,8 @@ def test_a_committer_whose_deltas_the_winners_retention_removed(backend: Backend
     while this one is still reading them. This one must not fail on a missing file (it did,
     or reported the vanished delta as damage): it returns the winner's manifest, or raises
     OwnershipError when the winner is another run."""
-    from infobatch_stream.storage import OwnershipError, commit as commit_module
+    from infobatch_stream.storage import OwnershipError
+    from infobatch_stream.storage import commit as commit_module
 
     ours, theirs = runs
     store = backend.open()

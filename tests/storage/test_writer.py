@@ -166,10 +166,9 @@ def test_flush_rows_bounds_the_buffer_and_the_context_manager_flushes(local_back
 
 def test_an_exception_inside_the_writer_block_flushes_nothing(local_backend: Backend) -> None:
     store = local_backend.open()
-    with pytest.raises(RuntimeError):
-        with store.writer(0) as writer:
-            writer.record(["a"], [1.0])
-            raise RuntimeError("trainer crashed")
+    with pytest.raises(RuntimeError), store.writer(0) as writer:
+        writer.record(["a"], [1.0])
+        raise RuntimeError("trainer crashed")
     assert store.pending_deltas(0) == []
 
 
