@@ -7,7 +7,8 @@
 
 The InfoBatch lines: ``ib.stage()`` after the tar reader, the per-sample cross-entropy
 through ``ib.update`` (its weighted mean is what is backpropagated), ``ib.bound`` around the
-loader, and ``ib.epochs()`` (which commits each epoch to the score store). The FFHQ
+loader, ``ib.epochs()``, and ``ib.end_epoch(wait=False)`` (which commits each epoch to the
+score store while the model is evaluated) with ``ib.metrics()`` logged per epoch. The FFHQ
 diffusion example adds checkpoints, ``--resume`` and DDP on top of the same loop.
 """
 
@@ -137,15 +138,19 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.step()
             trained += len(keys)
             loss_sum += per_sample.detach().sum().item()
+        ib.end_epoch(wait=False)                    # the commit overlaps the evaluation
         model.eval()
         with torch.inference_mode():
             accuracy = (model(test_images).argmax(1) == test_labels).float().mean().item()
+        metrics = ib.metrics()                      # waits for the commit; a plain dict
         history.append({"epoch": epoch, "trained": trained, "pruned": pruned,
-                        "train_loss": loss_sum / max(1, trained), "test_accuracy": accuracy})
+                        "train_loss": loss_sum / max(1, trained), "test_accuracy": accuracy,
+                        "infobatch": metrics})
         if not args.quiet:
             print(f"epoch {epoch:3d}/{args.epochs}  trained {trained:5d}  pruned {pruned:5d}  "
-                  f"train loss {loss_sum / max(1, trained):.4f}  test accuracy {accuracy:.4f}",
-                  flush=True)
+                  f"train loss {loss_sum / max(1, trained):.4f}  test accuracy {accuracy:.4f}  "
+                  f"saved {100 * metrics['saved_fraction']:.1f}%  "
+                  f"blocked {1000 * metrics['blocking_seconds']:.0f} ms", flush=True)
 
     mode = "baseline" if args.no_prune else args.policy
     summary = {"mode": mode, "seed": args.seed, "epochs": args.epochs,

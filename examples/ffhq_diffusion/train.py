@@ -422,12 +422,13 @@ def main(argv: list[str] | None = None) -> dict:
         totals = torch.tensor([trained, loss_sum], dtype=torch.float64)
         if dist.is_initialized():
             dist.all_reduce(totals)
+        ib.end_epoch(wait=False)                    # all ranks flush, rank 0 commits, meanwhile:
         eval_started, eval_cpu_started = time.perf_counter(), time.process_time()
         held = heldout_loss(model, noise_scheduler, heldout, args.eval_timesteps, device) \
             if heldout is not None else None
         eval_seconds = time.perf_counter() - eval_started
         eval_cpu = time.process_time() - eval_cpu_started
-        ib.end_epoch()                              # all ranks flush, rank 0 commits
+        metrics = ib.metrics()                      # waits for the commit; a plain dict to log
         seconds = time.perf_counter() - started - eval_seconds   # training only
         train_seconds += seconds
         pruned = dataset_size - epoch_plan.samples
@@ -440,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
             "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
             "cpu_seconds": time.process_time() - cpu_started - eval_cpu,
             "eval_seconds": eval_seconds,
-            "threshold": epoch_plan.rule.threshold,
+            "threshold": epoch_plan.rule.threshold, "infobatch": metrics,
         })
         if rank() == 0:
             out.write(CHECKPOINT, _checkpoint_bytes(model, optimizer, lr_schedule, ib, epoch,
@@ -450,7 +451,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"({100 * pruned / dataset_size:4.1f}%)  saved so far {100 * h['cumulative_saving']:4.1f}%"
             f"  train loss {h['train_loss']:.4f}  held-out "
             f"{'-' if held is None else f'{held:.4f}'}  lr {h['lr']:.2e}  {seconds:5.1f}s"
-            f" (+{eval_seconds:.1f}s eval)"
+            f" (+{eval_seconds:.1f}s eval, {1000 * metrics['blocking_seconds']:.0f} ms blocked"
+            f" by the commit)"
             f"  [checkpoint epoch {epoch}]")
 
     summary = {

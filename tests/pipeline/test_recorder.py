@@ -62,7 +62,7 @@ def test_batches_reach_the_writer_in_call_order_however_late_their_copies_end(tm
     handed = iter(events)
     monkeypatch.setattr(recorder, "copy_event", lambda device: next(handed))
     store = ibs.ScoreStore(tmp_path / "store")
-    rec = ScoreRecorder(store.writer(0))
+    rec = ScoreRecorder(store.writer(0), batches_per_write=1)
     hashes = ibs.hash_keys(["a", "b"])
     rec.record(hashes, torch.tensor([1.0, 1.0]))
     rec.record(hashes, torch.tensor([2.0, 2.0]))   # its copy is done, but the first's is not
