@@ -159,3 +159,15 @@ def test_weights_that_do_not_match_the_batch_are_refused(ib):
         ib.update(torch.ones(3), ["a", "b", "c"], [1.0])
     with pytest.raises(ValueError, match="scores of shape"):
         ib.update(torch.ones(2), ["a", "b"], scores=[1.0, 2.0, 3.0])
+
+
+def test_a_full_delta_is_handed_to_the_writer_without_waiting_for_the_group(tmp_path):
+    """flush_rows keeps its meaning: that many rows buffered start a delta, however few
+    batches they took (a crash then keeps them)."""
+    store = ibs.ScoreStore(tmp_path / "store")
+    rec = ScoreRecorder(store.writer(0, flush_rows=20))
+    rec.record(ibs.hash_keys([f"a{i}" for i in range(10)]), torch.ones(10))
+    assert rec.in_flight == 1 and not rec.writer.files_written
+    rec.record(ibs.hash_keys([f"b{i}" for i in range(10)]), torch.ones(10))
+    assert rec.in_flight == 0 and len(rec.writer.files_written) == 1
+    rec.close()

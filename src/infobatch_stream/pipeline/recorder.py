@@ -101,9 +101,9 @@ class ScoreRecorder:
     """The scores of one epoch on one rank, on their way to the store.
 
     Owns the epoch's ``DeltaWriter`` and the queue of batches whose device-to-host copy
-    may still be running; once ``batches_per_write`` are queued, each ``record`` hands the
-    writer those whose copy is done. ``samples`` counts every score recorded (the epoch's
-    metrics).
+    may still be running; once ``batches_per_write`` are queued, or enough rows for the
+    writer to flush a delta, each ``record`` hands the writer those whose copy is done.
+    ``samples`` counts every score recorded (the epoch's metrics).
 
     >>> recorder = ScoreRecorder(store.writer(epoch=0))                   # doctest: +SKIP
     >>> recorder.record(hash_keys(["a", "b"]), torch.tensor([0.5, 1.0]))  # doctest: +SKIP
@@ -115,6 +115,7 @@ class ScoreRecorder:
         self.batches_per_write = batches_per_write
         self.samples = 0
         self._queue: deque[_InFlight] = deque()
+        self._queued_rows = 0
 
     @property
     def in_flight(self) -> int:
@@ -132,7 +133,9 @@ class ScoreRecorder:
         host = to_host(scores, torch.float32)
         self._queue.append(_InFlight(keys, host, copy_event(scores.device)))
         self.samples += host.shape[0]
-        if len(self._queue) >= self.batches_per_write:
+        self._queued_rows += host.shape[0]
+        if len(self._queue) >= self.batches_per_write or \
+                self._queued_rows + self.writer.pending >= self.writer.flush_rows:
             self.poll()
 
     def poll(self) -> None:
@@ -158,6 +161,7 @@ class ScoreRecorder:
         # Taken off the queue first: the writer buffers the rows before it can raise (a
         # failed background flush), so a batch is never lost nor recorded twice.
         entries = [self._queue.popleft() for _ in range(count)]
+        self._queued_rows -= sum(e.scores.shape[0] for e in entries)
         keys = [e.keys if isinstance(e.keys, np.ndarray) else hash_keys(e.keys) for e in entries]
         scores = entries[0].scores if count == 1 else torch.cat([e.scores for e in entries])
         self.writer.record(keys[0] if count == 1 else np.concatenate(keys), scores.numpy())
