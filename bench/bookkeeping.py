@@ -28,13 +28,23 @@ shuffles it with ``np.random.shuffle``. What the official sampler then costs per
 (``IBSampler.__next__``, a Python call per index, pulled by the BatchSampler in the training
 process) is timed apart as ``reference_sampler_s`` and is NOT in ``reference_s``.
 
+A fourth variant, ``ours_overlap`` (``__key__`` strings), ends each epoch as a GPU job
+would, with ``end_epoch(wait=False)``, then a simulated evaluation of ``--eval-s`` seconds
+(default 2: a sleep, since on a GPU machine evaluation keeps the GPU busy and leaves the CPU
+to the commit's thread), then ``ib.metrics()``, which waits for whatever of the commit is
+left. Only the time the training loop is blocked counts: ``update``, ``commit`` (here: the
+call to ``end_epoch(wait=False)``), ``wait`` (what ``metrics()`` still waited) and ``plan``;
+the evaluation does not, nor does the commit running beside it (``overlap_commit_s``, its
+own length, from ``metrics()["commit_seconds"]``). ``ratio_blocking`` is its total over the
+reference's, beside ``ratio`` (the same loop with ``end_epoch()`` blocking for the commit).
+
 The variants run interleaved, epoch by epoch, in a rotating order, each with its own losses
 (a fresh right-skewed draw per epoch, the same for all variants). Epoch 0 (nothing known yet,
 nothing pruned) warms up and is not in the medians; the medians are over the pruning epochs.
 Times are wall clock (what blocks the loop, the commit's fsyncs included); the process's CPU
 time is reported beside (``*_cpu_s``, ``ratio_cpu``), being less disturbed by other tenants.
 
-    python bench/bookkeeping.py [--quick] [--n N] [--epochs E]    # prints JSON
+    python bench/bookkeeping.py [--quick] [--n N] [--epochs E] [--eval-s S]   # prints JSON
 """
 
 from __future__ import annotations
@@ -59,6 +69,7 @@ import infobatch_stream as ibs
 
 IMAGENET_TRAIN = 1_281_167
 BATCH = 256
+EVAL_S = 2.0
 
 
 def imagenet_keys(n: int, seed: int = 0) -> list[str]:
@@ -205,7 +216,8 @@ def _ours_batches(ib: ibs.InfoBatch, keys: list[str], hashes: np.ndarray, losses
 
 
 def _run_ours(ib: ibs.InfoBatch, keys: list[str], hashes: np.ndarray, losses: np.ndarray,
-              key_kind: str, size: int) -> dict[str, Any]:
+              key_kind: str, size: int, eval_s: float | None = None) -> dict[str, Any]:
+    """One epoch of ours; ``eval_s``: end it overlapped, with that long an evaluation."""
     cpu = time.process_time()
     start = time.perf_counter()
     plan = ib.plan(size)
@@ -224,36 +236,50 @@ def _run_ours(ib: ibs.InfoBatch, keys: list[str], hashes: np.ndarray, losses: np
         cpu_s += time.process_time() - cpu
     cpu = time.process_time()
     start = time.perf_counter()
-    ib.end_epoch()
+    ib.end_epoch(wait=eval_s is None)
     commit_s = time.perf_counter() - start
     cpu_s += time.process_time() - cpu
-    return {"update_s": update_s, "commit_s": commit_s, "plan_s": plan_s, "cpu_s": cpu_s,
-            "batches": len(batches), "samples": len(batches) * BATCH,
-            "planned_samples": plan.samples}
+    entry = {"update_s": update_s, "commit_s": commit_s, "plan_s": plan_s, "wait_s": 0.0,
+             "batches": len(batches), "samples": len(batches) * BATCH,
+             "planned_samples": plan.samples}
+    if eval_s is not None:
+        time.sleep(eval_s)  # evaluation on the GPU: the training process's CPU is idle
+        cpu = time.process_time()
+        start = time.perf_counter()
+        metrics = ib.metrics()
+        entry["wait_s"] = time.perf_counter() - start
+        cpu_s += time.process_time() - cpu
+        entry["overlap_commit_s"] = metrics["commit_seconds"]
+        entry["library_blocking_s"] = metrics["blocking_seconds"]
+    entry["cpu_s"] = cpu_s
+    return entry
 
 
 def _total(entry: dict[str, Any]) -> float:
-    return entry["update_s"] + entry["commit_s"] + entry["plan_s"]
+    return entry["update_s"] + entry["commit_s"] + entry.get("wait_s", 0.0) + entry["plan_s"]
 
 
 def run(size: int = IMAGENET_TRAIN, epochs: int = 4, num_epochs: int = 100,
-        workdir: str | None = None) -> dict[str, Any]:
+        workdir: str | None = None, eval_s: float = EVAL_S) -> dict[str, Any]:
     """Time ``epochs`` epochs (the first a warm-up) of each variant, interleaved."""
     keys = imagenet_keys(size)
     hashes = ibs.hash_keys(keys)
     root = tempfile.mkdtemp(prefix="ibs-bookkeeping-", dir=workdir)
     try:
         ours = {kind: ibs.InfoBatch(os.path.join(root, kind), num_epochs=num_epochs)
-                for kind in ("str", "hash")}
+                for kind in ("str", "hash", "overlap")}
         reference = OfficialBookkeeping(size, num_epochs)
-        variants = ["ours_str", "ours_hash", "reference"]
+        variants = ["ours_str", "ours_hash", "ours_overlap", "reference"]
         per_epoch: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
         for epoch in range(epochs):
             losses = epoch_losses(size, epoch)
-            order = variants[epoch % 3:] + variants[:epoch % 3]  # rotate who runs first
+            turn = epoch % len(variants)
+            order = variants[turn:] + variants[:turn]  # rotate who runs first
             for variant in order:
                 if variant == "reference":
                     entry = _run_reference(reference, losses)
+                elif variant == "ours_overlap":
+                    entry = _run_ours(ours["overlap"], keys, hashes, losses, "str", size, eval_s)
                 else:
                     kind = variant.split("_")[1]
                     entry = _run_ours(ours[kind], keys, hashes, losses, kind, size)
@@ -268,23 +294,29 @@ def run(size: int = IMAGENET_TRAIN, epochs: int = 4, num_epochs: int = 100,
 
     result: dict[str, Any] = {
         "n": size, "batch_size": BATCH, "measured_epochs": list(range(1, epochs)),
-        "store": "local disk (tempfile)",
+        "store": "local disk (tempfile)", "eval_s": eval_s,
     }
     for variant in variants:
         result[f"{variant}_s"] = median(variant, "total_s")
         result[f"{variant}_breakdown"] = {
             f: median(variant, f) for f in ("update_s", "commit_s", "plan_s", "samples")}
         result[f"{variant}_cpu_s"] = median(variant, "cpu_s")
+    result["ours_overlap_breakdown"]["wait_s"] = median("ours_overlap", "wait_s")
+    result["overlap_commit_s"] = median("ours_overlap", "overlap_commit_s")
+    result["overlap_library_blocking_s"] = median("ours_overlap", "library_blocking_s")
     result["ours_s"] = result["ours_str_s"]
     result["reference_sampler_s"] = median("reference", "sampler_s")
     result["ratio"] = result["ours_str_s"] / result["reference_s"]
     result["ratio_hash"] = result["ours_hash_s"] / result["reference_s"]
+    # Only the time the training loop is blocked: the commit overlapped the evaluation.
+    result["ratio_blocking"] = result["ours_overlap_s"] / result["reference_s"]
     result["ratio_with_sampler"] = result["ours_str_s"] / (
         result["reference_s"] + result["reference_sampler_s"])
     # The same on the process's CPU time: less noisy on a shared machine, blind to I/O waits
     # (the commit's fsyncs), so the wall-clock ratio is the measure.
     result["ratio_cpu"] = result["ours_str_cpu_s"] / result["reference_cpu_s"]
     result["ratio_hash_cpu"] = result["ours_hash_cpu_s"] / result["reference_cpu_s"]
+    result["ratio_blocking_cpu"] = result["ours_overlap_cpu_s"] / result["reference_cpu_s"]
     result["epochs"] = per_epoch
     return result
 
@@ -294,9 +326,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="3 measured epochs, not 6")
     parser.add_argument("--n", type=int, default=IMAGENET_TRAIN, help="keys (default ImageNet-1K)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs incl. the warm-up")
+    parser.add_argument("--eval-s", type=float, default=EVAL_S,
+                        help="the simulated evaluation the overlapped commit runs beside")
     args = parser.parse_args(argv)
     epochs = args.epochs or (4 if args.quick else 7)
-    result = run(args.n, epochs)
+    result = run(args.n, epochs, eval_s=args.eval_s)
     result["machine"] = {"python": platform.python_version(), "torch": torch.__version__,
                          "numpy": np.__version__, "cpus": os.cpu_count(),
                          "torch_threads": torch.get_num_threads()}

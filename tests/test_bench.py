@@ -36,7 +36,7 @@ def positive(value) -> bool:
 
 @pytest.fixture(scope="module")
 def bookkeeping_result():
-    return load("bookkeeping").run(size=20_000, epochs=3)
+    return load("bookkeeping").run(size=20_000, epochs=3, eval_s=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_official_prune_keeps_the_exact_count():
 
 def test_bookkeeping_fields(bookkeeping_result):
     r = bookkeeping_result
-    for variant in ("ours_str", "ours_hash", "reference"):
+    for variant in ("ours_str", "ours_hash", "ours_overlap", "reference"):
         assert positive(r[f"{variant}_s"])
         parts = r[f"{variant}_breakdown"]
         assert set(parts) >= {"update_s", "commit_s", "plan_s", "samples"}
@@ -78,6 +78,23 @@ def test_bookkeeping_fields(bookkeeping_result):
     # ours trains what its plan said (to within the last, incomplete batch)
     for entry in r["epochs"]["ours_str"]:
         assert 0 <= entry["planned_samples"] - entry["samples"] < r["batch_size"]
+
+
+def test_bookkeeping_blocking_fields(bookkeeping_result):
+    r = bookkeeping_result
+    assert r["eval_s"] == 0.2
+    assert r["ratio_blocking"] == pytest.approx(r["ours_overlap_s"] / r["reference_s"])
+    assert positive(r["overlap_commit_s"]) and positive(r["ratio_blocking_cpu"])
+    assert set(r["ours_overlap_breakdown"]) >= {"update_s", "commit_s", "wait_s", "plan_s"}
+    for entry in r["epochs"]["ours_overlap"]:
+        # only blocked time: update + handing the commit over + what was left to wait + plan
+        assert entry["total_s"] == pytest.approx(
+            entry["update_s"] + entry["commit_s"] + entry["wait_s"] + entry["plan_s"])
+        # the library's own count of the boundary's blocking time: handing over + waiting
+        assert entry["library_blocking_s"] <= entry["commit_s"] + entry["wait_s"]
+    # overlapping the commit changes no decision: the same samples as the blocking variant
+    assert [e["samples"] for e in r["epochs"]["ours_overlap"]] == \
+        [e["samples"] for e in r["epochs"]["ours_str"]]
 
 
 def test_workers_fields(workers_result):
@@ -144,6 +161,9 @@ def test_goals_and_docs(tmp_path, bookkeeping_result, workers_result, lossless_r
     assert by_name["commit time"]["measured"] == pytest.approx(4.0)
     assert by_name["commit time"]["pass"] is True
     assert by_name["bookkeeping vs official"]["measured"] == bookkeeping_result["ratio"]
+    overlapped = by_name["bookkeeping vs official, commit overlapped"]
+    assert overlapped["measured"] == bookkeeping_result["ratio_blocking"]
+    assert overlapped["pass"] is (bookkeeping_result["ratio_blocking"] <= 0.25)
     assert by_name["samples saved"]["measured"] == lossless_result["samples_saved"]
     for goal in results["goals"]:
         assert goal["pass"] in (True, False, None) and goal["goal"]
@@ -151,6 +171,8 @@ def test_goals_and_docs(tmp_path, bookkeeping_result, workers_result, lossless_r
     written = load("report").write_docs(results, str(tmp_path))
     page = (tmp_path / "benchmarks.md").read_text()
     assert "## Goals" in page and "This benchmark failed" in page
+    assert f"`ratio_blocking` = **{bookkeeping_result['ratio_blocking']:.2f}** (goal <= 0.25)" in page
+    assert "ours, strings, `end_epoch(wait=False)`" in page
     for name in ("lossless", "bookkeeping", "workers"):
         png = tmp_path / f"benchmarks-{name}.png"
         assert str(png) in written and png.stat().st_size > 1000
@@ -193,7 +215,7 @@ def test_run_end_to_end_with_a_subprocess(tmp_path):
     """run.py runs a benchmark as a process, parses its JSON and writes both outputs."""
     run = load("run")
     results = run.run_all(quick=True, only=["bookkeeping"],
-                          extra={"bookkeeping": ["--n", "5000", "--epochs", "2"]})
+                          extra={"bookkeeping": ["--n", "5000", "--epochs", "2", "--eval-s", "0.1"]})
     assert "error" not in results["bookkeeping"], results["bookkeeping"]
     assert results["bookkeeping"]["n"] == 5000
     assert results["meta"]["benchmarks"]["bookkeeping"]["seconds"] > 0

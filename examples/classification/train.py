@@ -7,7 +7,8 @@
 
 The InfoBatch lines: ``ib.stage()`` after the tar reader, the per-sample cross-entropy
 through ``ib.update`` (its weighted mean is what is backpropagated), ``ib.bound`` around the
-loader, and ``ib.epochs()`` (which commits each epoch to the score store). The FFHQ
+loader, ``ib.epochs()``, and ``ib.end_epoch(wait=False)`` (which commits each epoch to the
+score store while the model is evaluated) with ``ib.metrics()`` logged per epoch. The FFHQ
 diffusion example adds checkpoints, ``--resume`` and DDP on top of the same loop.
 """
 
@@ -114,9 +115,11 @@ def main(argv: list[str] | None = None) -> dict:
         kept = ib.plan(dataset_size).samples        # exact, before the epoch starts
         loader = train_loader(args, ib.stage(), epoch)
         trained, loss_sum = train_one_epoch(args, ib, model, optimizer, loader, epoch, kept)
+        ib.end_epoch(wait=False)                    # the commit overlaps the evaluation
         accuracy = evaluate(model, test_images, test_labels)
         history.append({"epoch": epoch, "trained": trained, "pruned": dataset_size - kept,
-                        "train_loss": loss_sum / max(1, trained), "test_accuracy": accuracy})
+                        "train_loss": loss_sum / max(1, trained), "test_accuracy": accuracy,
+                        "infobatch": ib.metrics()})  # waits for the commit; a plain dict to log
         if not args.quiet:
             print_epoch(args, history[-1])
     return save_summary(args, options, dataset_size, history, time.perf_counter() - started)
@@ -168,8 +171,11 @@ def count_samples(pattern: str) -> int:
 
 
 def print_epoch(args, h: dict) -> None:
+    metrics = h["infobatch"]
     print(f"epoch {h['epoch']:3d}/{args.epochs}  trained {h['trained']:5d}  pruned {h['pruned']:5d}  "
-          f"train loss {h['train_loss']:.4f}  test accuracy {h['test_accuracy']:.4f}", flush=True)
+          f"train loss {h['train_loss']:.4f}  test accuracy {h['test_accuracy']:.4f}  "
+          f"saved {100 * metrics['saved_fraction']:.1f}%  "
+          f"blocked {1000 * metrics['blocking_seconds']:.0f} ms", flush=True)
 
 
 def save_summary(args, options: dict, dataset_size: int, history: list[dict],

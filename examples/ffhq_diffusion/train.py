@@ -352,15 +352,16 @@ def main(argv: list[str] | None = None) -> dict:
         plan = ib.plan(dataset_size)                    # exact: decided from the committed snapshot
         loader = train_loader(args, ib.stage(), epoch)  # the stage prunes before decode
         trained, loss_sum, steps = train_one_epoch(args, ib, trainer, loader, epoch, plan.samples)
+        ib.end_epoch(wait=False)                        # all ranks flush, rank 0 commits, meanwhile:
         held, eval_seconds, eval_cpu = evaluate(args, trainer, heldout)
-        ib.end_epoch()                                  # all ranks flush, rank 0 commits
+        metrics = ib.metrics()                          # waits for the commit; a plain dict to log
         seconds = time.perf_counter() - started - eval_seconds   # training only
         train_seconds += seconds
         history.append(epoch_record(
             history, epoch=epoch, trained=trained, pruned=dataset_size - plan.samples, steps=steps,
             dataset_size=dataset_size, loss_sum=loss_sum, held=held, lr=trainer.lr, seconds=seconds,
             cpu_seconds=time.process_time() - cpu_started - eval_cpu, eval_seconds=eval_seconds,
-            threshold=plan.rule.threshold))
+            threshold=plan.rule.threshold, infobatch=metrics))
         if rank() == 0:
             save_checkpoint(out, args, trainer, ib, epoch, history, train_seconds)
         log_epoch(args, history[-1])
@@ -510,7 +511,8 @@ def evaluate(args, trainer: Trainer, heldout: torch.Tensor | None) -> tuple[floa
 
 def epoch_record(history: list[dict], *, epoch: int, trained: int, pruned: int, steps: int,
                  dataset_size: int, loss_sum: float, held: float | None, lr: float, seconds: float,
-                 cpu_seconds: float, eval_seconds: float, threshold: float | None) -> dict:
+                 cpu_seconds: float, eval_seconds: float, threshold: float | None,
+                 infobatch: dict) -> dict:
     """The epoch's line of the history (``history``: the epochs before it)."""
     pruned_so_far = pruned + sum(h["pruned"] for h in history)
     return {
@@ -519,7 +521,7 @@ def epoch_record(history: list[dict], *, epoch: int, trained: int, pruned: int, 
         "cumulative_saving": pruned_so_far / (dataset_size * (len(history) + 1)),
         "train_loss": loss_sum / max(1, trained), "heldout_loss": held,
         "lr": lr, "seconds": seconds, "cpu_seconds": cpu_seconds, "eval_seconds": eval_seconds,
-        "threshold": threshold,
+        "threshold": threshold, "infobatch": infobatch,
     }
 
 
@@ -552,7 +554,8 @@ def log_epoch(args, h: dict) -> None:
         f"saved so far {100 * h['cumulative_saving']:4.1f}%"
         f"  train loss {h['train_loss']:.4f}  held-out "
         f"{'-' if held is None else f'{held:.4f}'}  lr {h['lr']:.2e}  {h['seconds']:5.1f}s"
-        f" (+{h['eval_seconds']:.1f}s eval)"
+        f" (+{h['eval_seconds']:.1f}s eval, {1000 * h['infobatch']['blocking_seconds']:.0f} ms"
+        f" blocked by the commit)"
         f"  [checkpoint epoch {h['epoch']}]")
 
 

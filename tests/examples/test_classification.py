@@ -33,6 +33,10 @@ def test_digits_three_modes_locally(tmp_path, example_env):
     assert summaries["baseline"]["pruned"] == 0
     for mode in ("infobatch", "random"):
         assert [h["pruned"] > 0 for h in summaries[mode]["history"]] == [False, True, False]
+        for h in summaries[mode]["history"]:  # the logged metrics agree with the plan
+            assert h["infobatch"]["epoch"] == h["epoch"]
+            assert h["infobatch"]["samples_pruned"] == h["pruned"]
+            assert h["infobatch"]["samples_trained"] == h["trained"]
     # random pruning drops known samples at InfoBatch's expected rate: a similar budget
     ib, rnd = summaries["infobatch"]["pruned"], summaries["random"]["pruned"]
     assert abs(ib - rnd) < 0.25 * ib

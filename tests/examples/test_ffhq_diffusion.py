@@ -103,6 +103,10 @@ def test_train_infobatch_and_baseline_locally(local_shards, tmp_path, example_en
     assert [h["pruned"] > 0 for h in ib["history"]] == [False, True, False]
     assert ib["history"][0]["trained"] == ib["history"][2]["trained"] == TRAIN_IDS
     assert ib["trained"] < 3 * TRAIN_IDS
+    for h in ib["history"]:  # the logged metrics of the overlapped commit agree with the plan
+        assert h["infobatch"]["samples_pruned"] == h["pruned"]
+        assert h["infobatch"]["samples_trained"] == h["trained"]
+        assert h["infobatch"]["annealing"] is (h["epoch"] == 2)
     assert all(h["heldout_loss"] > 0 for h in ib["history"])
     for name in ("samples.png", "curves.png", "checkpoint.pt"):
         assert (ib_out / name).stat().st_size > 0

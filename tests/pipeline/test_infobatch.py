@@ -42,10 +42,10 @@ def test_update_records_detached_scores_and_returns_weighted_mean(ib):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_update_accepts_any_float_dtype_and_keeps_it(ib, dtype):
+def test_update_accepts_any_float_dtype_and_weights_in_float32(ib, dtype):
     loss = torch.tensor([0.5, 1.5], dtype=dtype)
     out = ib.update(loss, ["a", "b"], torch.tensor([2.0, 1.0], dtype=torch.float64))
-    assert out.dtype == dtype
+    assert out.dtype == torch.float32 and out.item() == 1.25
     ib.end_epoch()
     assert ib.store.snapshot(0).lookup(["a", "b"]).tolist() == [0.5, 1.5]
 

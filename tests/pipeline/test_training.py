@@ -110,3 +110,95 @@ def test_onecycle_from_planned_totals_never_overruns(tmp_path, run_trainer, delt
     assert sum(steps) <= total
     assert total - sum(steps) <= max(steps)  # ends within one epoch's worth of its total
     assert steps[1] < steps[0]  # pruning really happened
+
+
+def test_torchrun_two_ranks_accumulation_overlapped_commit_and_metrics(tmp_path, run_trainer):
+    shards = ",".join(write_shards(tmp_path / "shards", UNEVEN))
+    out = tmp_path / "out"
+    result = run_trainer(["--shards", shards, "--store", str(tmp_path / "store"), "--epochs", "4",
+                          "--batch", "8", "--accumulate", "3", "--overlap", "--out", str(out)],
+                         torchrun=2, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-8000:]
+    logs = read_epochs(out)
+    assert sorted(logs) == [(r, e) for r in (0, 1) for e in range(4)]
+    store = ibs.ScoreStore(tmp_path / "store")
+    for epoch in range(4):
+        first, second = logs[(0, epoch)], logs[(1, epoch)]
+        # the same micro-batches on both ranks (270 vs 55 samples), whole groups of 3
+        assert first["steps"] == second["steps"] > 0 and first["steps"] % 3 == 0
+        metrics = first["metrics"]
+        others = {k: v for k, v in second["metrics"].items() if k != "blocking_seconds"}
+        assert others == {k: v for k, v in metrics.items() if k != "blocking_seconds"}
+        assert metrics["epoch"] == epoch
+        assert metrics["optimizer_steps"] == first["steps"] // 3
+        assert metrics["samples_trained"] == len(first["keys"]) + len(second["keys"])
+        assert metrics["samples_pruned"] == first["planned_pruned"] == second["planned_pruned"]
+        assert metrics["annealing"] is (epoch == 3)
+        assert metrics["blocking_seconds"] > 0 and second["metrics"]["blocking_seconds"] > 0
+        if epoch >= 1:  # retention keeps the last 3 snapshots
+            assert metrics["mean_score"] == store.snapshot(epoch).mean
+            assert metrics["keys_updated"] == store.manifest(epoch).updated
+    assert logs[(0, 1)]["metrics"]["samples_pruned"] > 0 and logs[(0, 2)]["metrics"]["samples_pruned"] > 0
+    assert store.latest_epoch == 3
+
+
+def test_sigkill_during_an_overlapped_commit_then_resume_loses_no_score(tmp_path, run_trainer):
+    """Killed while the overlapped commit of epoch 2 has uploaded its snapshot but not its
+    manifest: the store stays at epoch 1, and the resumed run matches one never killed."""
+    shards = ",".join(write_shards(tmp_path / "shards", [100, 80, 60]))
+    common = ["--shards", shards, "--epochs", "5", "--batch", "10", "--flush-rows", "20",
+              "--overlap"]
+
+    straight = tmp_path / "straight"
+    result = run_trainer(common + ["--store", str(straight / "store"), "--out", str(straight),
+                                   "--ckpt", str(straight / "ckpt.pt")])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    crashed = tmp_path / "crashed"
+    args = common + ["--store", str(crashed / "store"), "--out", str(crashed),
+                     "--ckpt", str(crashed / "ckpt.pt")]
+    killed = run_trainer(args + ["--kill-in-commit", "2:before-manifest"])
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    store = ibs.ScoreStore(crashed / "store")
+    assert store.latest_epoch == 1
+    before = {e: store.snapshot(e).to_arrow() for e in store.epochs}
+    assert store.pending_deltas(2), "the killed epoch's scores were flushed before its commit"
+
+    resumed = run_trainer(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for epoch, table in before.items():
+        if epoch in store.epochs:
+            assert store.snapshot(epoch).to_arrow().equals(table)
+    a, b = read_epochs(straight), read_epochs(crashed)
+    assert sorted(a) == sorted(b) == [(0, e) for e in range(5)]
+    for key in a:  # same samples, same order, same losses, every epoch
+        assert a[key]["keys"] == b[key]["keys"]
+        np.testing.assert_array_equal(a[key]["losses"], b[key]["losses"])
+    final_a = ibs.ScoreStore(straight / "store").snapshot().to_arrow()
+    assert final_a.select(["hash", "score"]).equals(store.snapshot().to_arrow().select(["hash", "score"]))
+
+
+def test_sigkill_after_an_overlapped_commits_manifest_keeps_the_whole_epoch(tmp_path, run_trainer):
+    """Killed after the manifest of epoch 2, before its clean-up: epoch 2 is committed whole,
+    with every score the epoch recorded, and the resumed run carries on from epoch 3."""
+    shards = ",".join(write_shards(tmp_path / "shards", [100, 80, 60]))
+    out = tmp_path / "out"
+    args = ["--shards", shards, "--epochs", "5", "--batch", "10", "--flush-rows", "20",
+            "--overlap", "--store", str(tmp_path / "store"), "--out", str(out),
+            "--ckpt", str(tmp_path / "ckpt.pt")]
+    killed = run_trainer(args + ["--kill-in-commit", "2:after-manifest"])
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    store = ibs.ScoreStore(tmp_path / "store")
+    assert store.latest_epoch == 2
+    trained = json.loads((out / "rank0-trained2.json").read_text())
+    snapshot = store.snapshot(2)
+    np.testing.assert_array_equal(snapshot.lookup(trained["keys"]),
+                                  np.array(trained["losses"], np.float32))
+    assert store.manifest(2).updated == len(trained["keys"])
+    table = snapshot.to_arrow()
+
+    resumed = run_trainer(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "continues at epoch 3" in resumed.stderr
+    assert store.latest_epoch == 4 and store.snapshot(2).to_arrow().equals(table)
+    assert sorted(read_epochs(out)) == [(0, e) for e in range(5) if e != 2]

@@ -8,15 +8,18 @@
 
 The store is the truth about the epoch: ``epochs()`` starts at its first uncommitted epoch,
 the stages in the DataLoader workers prune that same epoch from the latest snapshot, and
-each epoch ends with one commit (all ranks flush, rank 0 merges, everyone waits for it).
+each epoch ends with one commit (all ranks flush, rank 0 merges, everyone waits for it, or
+``end_epoch(wait=False)`` lets evaluation overlap it). Nothing on the step path waits for the
+GPU (``recorder``); the boundary and its metrics live in ``boundary``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -30,9 +33,10 @@ from ..stages.prune import DEFAULT_WINDOW, epoch_to_train, lookup_scores, soft_p
 from ..storage import Manifest, ScoreSnapshot, ScoreStore, hash_keys
 from ..storage.checks import check_int
 from . import distributed
+from .boundary import EpochBoundary, EpochClose
 from .planning import StepPlan
 from .recorder import ScoreRecorder, weighted_mean
-from .steps import StepBudget, equal_batches
+from .steps import StepBudget, equal_steps
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,15 @@ def _check_policy(policy: Any) -> None:
         raise TypeError(f"policy must be 'infobatch', 'random' or an object implementing "
                         f"infobatch_stream.PruningPolicy (rule, anneals, settings, prune_ratio, "
                         f"annealing_start), got {policy!r}")
+
+
+def _per_sample(values: Any, count: int, name: str) -> torch.Tensor:
+    """``values`` (a tensor, array or list) as a tensor of ``count`` values; else ValueError."""
+    tensor = values if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values))
+    if tensor.dim() != 1 or tensor.shape[0] != count:
+        raise ValueError(f"update() got {count} losses but {name} of shape {tuple(tensor.shape)}; "
+                         f"pass one per sample")
+    return tensor
 
 
 def launcher_run_id() -> str | None:
@@ -110,7 +123,9 @@ class InfoBatch:
         self._rule_cache: tuple | None = None  # (epoch, snapshot, rule) for update()'s weights
         self._budget = StepBudget()
         self._tidied = False                   # whether epochs() finished the last commit
-        self._ended: Manifest | None = None    # the epoch end_epoch() ended, until the next begins
+        self._boundary = EpochBoundary()       # the epoch boundary, maybe still in flight
+        self._warned_sync = False
+        self._just_ended = False               # end_epoch() ran and no epoch has begun since
         self._in_bound = False                 # inside bound()'s loop: a checkpoint is mid-epoch
 
     def __repr__(self) -> str:
@@ -136,12 +151,14 @@ class InfoBatch:
     @property
     def epoch(self) -> int:
         """The epoch in progress, or the next one to train (the store's first uncommitted)."""
+        self._settle()
         if self._epoch is not None:
             return self._epoch
         latest = self.store.latest_epoch
         return 0 if latest is None else latest + 1
 
     def _begin_epoch(self) -> int:
+        self._settle()
         if self._epoch is None:
             epoch = self.epoch
             if epoch >= self.num_epochs:
@@ -152,7 +169,7 @@ class InfoBatch:
             # Fail before an epoch of training, not at its commit, if another run owns the store.
             self.store.check_owner(self.run_id, self.takeover)
             self._epoch = epoch
-            self._ended = None
+            self._just_ended = False
             self._recorder = ScoreRecorder(self.store.writer(
                 self._epoch, rank=distributed.rank(), flush_rows=self.flush_rows,
                 run_id=self.run_id, background=True))
@@ -163,8 +180,10 @@ class InfoBatch:
         """Yield the epochs still to train, starting at the store's first uncommitted one.
 
         Each epoch is committed when the loop body ends, unless ``end_epoch()`` was called in
-        it. Leaving the loop early (``break``, an exception) commits nothing.
+        it (with ``wait=False`` too: its commit is then waited for when the next epoch
+        begins). Leaving the loop early (``break``, an exception) commits nothing.
         """
+        self._settle()
         self._finish_last_commit()
         while True:
             if self._epoch is None and self.epoch >= self.num_epochs:
@@ -193,33 +212,89 @@ class InfoBatch:
         if latest is not None:
             self.store.commit(latest, run_id=self.run_id, takeover=self.takeover)
 
-    def end_epoch(self) -> Manifest:
+    def end_epoch(self, wait: bool = True) -> Manifest | None:
         """Collective: flush every rank's scores and commit the epoch; returns its manifest.
 
         Every rank returns only once the commit is visible, so the DataLoader workers of the
         next epoch see the new snapshot. An error on any rank is raised on all of them.
         Called again before the next epoch begins, it commits nothing and returns the same
         manifest (an empty epoch committed by mistake would shift every later decision).
+
+        ``wait=False`` hands the flush and the commit to a thread and returns None at once,
+        so that evaluation overlaps them. Whatever needs the new snapshot waits for it first
+        and raises its error there, on every rank: ``wait()``, the next ``bound()`` (before
+        the DataLoader starts reading), ``update()``, ``epochs()``' next epoch, ``plan()``,
+        ``plan_steps()``, ``metrics()``, ``state_dict()``. A failed boundary can be re-run
+        with ``end_epoch()``: the rows that were not written are still there.
+
+        >>> ib.end_epoch(wait=False)    # doctest: +SKIP
+        >>> evaluate(model)             # doctest: +SKIP  (the commit runs meanwhile)
+        >>> ib.metrics()["blocking_seconds"]   # doctest: +SKIP
         """
-        if self._epoch is None and self._ended is not None:
-            warnings.warn(f"end_epoch() called again after epoch {self._ended.epoch} ended: "
-                          f"nothing to commit", stacklevel=2)
-            return self._ended
+        if self._epoch is None and self._just_ended:
+            manifest = self.wait()
+            warnings.warn(f"end_epoch() called again after epoch "
+                          f"{manifest.epoch if manifest else '?'} ended: nothing to commit",
+                          stacklevel=2)
+            return manifest if wait else None
+        started = time.perf_counter()
         epoch = self._begin_epoch()
-        error = None
+        job = EpochClose(
+            epoch, self._recorder,
+            commit=lambda: self.store.commit(epoch, run_id=self.run_id, takeover=self.takeover),
+            pruned=self._pruned_counter(epoch),
+            optimizer_steps=self._budget.done - self._budget.at_epoch_start,
+            annealing=self.policy.anneals(epoch), group=distributed.control_group())
+        self._epoch, self._recorder = None, None  # the epoch is closing: not committed twice
+        self._just_ended = True
+        self._boundary.start(job, background=not wait, started=started)
+        return self.wait() if wait else None
+
+    def wait(self) -> Manifest | None:
+        """Wait for the commit ``end_epoch(wait=False)`` started; its manifest, or its error.
+
+        With nothing in flight, the manifest of the last epoch this object committed (None
+        before the first). After an error the epoch is open again: ``end_epoch()`` retries.
+        """
         try:
-            self._recorder.flush()
-            self._recorder.close()
-        except Exception as exc:  # raised on every rank by all_ranks_ok
-            error = exc
-        distributed.all_ranks_ok(error, f"flushing the scores of epoch {epoch}")
-        manifest = distributed.on_rank_zero(
-            lambda: self.store.commit(epoch, run_id=self.run_id, takeover=self.takeover),
-            f"committing epoch {epoch}")
-        self._epoch = None
-        self._recorder = None
-        self._ended = manifest if manifest is not None else self.store.manifest(epoch)
-        return self._ended
+            return self._boundary.wait()
+        except BaseException:
+            failed = self._boundary.failed
+            if failed is not None:
+                self._epoch, self._recorder = failed.epoch, failed.recorder
+                self._just_ended = False
+            raise
+
+    def _settle(self) -> None:
+        if self._boundary.pending:
+            self.wait()
+
+    def metrics(self) -> dict[str, Any] | None:
+        """The last committed epoch's metrics, a plain dict (None before the first commit).
+
+        Keys: ``epoch``, ``samples_trained``, ``samples_pruned``, ``saved_fraction``,
+        ``mean_score``, ``keys_updated``, ``optimizer_steps``, ``commit_seconds``,
+        ``blocking_seconds``, ``annealing`` (``infobatch_stream.pipeline.boundary`` says
+        what each counts). Waits for a commit in flight.
+
+        >>> writer.add_scalars("infobatch", ib.metrics(), epoch)   # doctest: +SKIP
+        """
+        self._settle()
+        metrics = self._boundary.metrics
+        return None if metrics is None else dict(metrics)
+
+    def _pruned_counter(self, epoch: int) -> Callable[[], int]:
+        """Counts the known keys epoch ``epoch``'s rule dropped (``plan().pruned``), later."""
+        cached = self._rule_cache if self._rule_cache and self._rule_cache[0] == epoch else None
+
+        def count() -> int:
+            if cached is not None:
+                snapshot, rule = cached[1], cached[2]
+            else:  # not self._rule(): this may run on the boundary's thread
+                snapshot = self.store.snapshot(epoch - 1) if epoch > 0 else ScoreSnapshot.empty()
+                rule = self.policy.rule(epoch, snapshot)
+            return len(snapshot) - rule.count_kept(snapshot)
+        return count
 
     # -- the training side -----------------------------------------------------------------
 
@@ -245,47 +320,97 @@ class InfoBatch:
         snapshot, rule = self._rule(self._begin_epoch())
         return rule.weights(hashes, snapshot.lookup(hashes))
 
+    def _batch_keys(self, keys: Any) -> np.ndarray | torch.Tensor:
+        """Host key hashes (uint64), or a ``__key_hash__`` tensor left on its device."""
+        if isinstance(keys, torch.Tensor) and keys.device.type != "cpu":
+            if keys.dim() != 1 or keys.dtype != torch.int64:
+                raise TypeError(f"a key tensor must be the batch's '__key_hash__' (int64, shape "
+                                f"(batch,)), got {keys.dtype} of shape {tuple(keys.shape)}")
+            return keys  # copied to the host without a sync, by the recorder
+        return self._key_hashes(keys)
+
+    def _weights_now(self, epoch: int, hashes: np.ndarray | torch.Tensor) -> np.ndarray:
+        """The stage's weights, recomputed from the keys (which must be on the host)."""
+        if isinstance(hashes, torch.Tensor):
+            if not self._warned_sync:
+                self._warned_sync = True
+                warnings.warn(
+                    "update() without weights and with '__key_hash__' on the GPU copies the keys "
+                    "to the host and waits for the GPU at every step: pass the batch's "
+                    "'__weight__' (e.g. to_tuple(..., '__key_hash__', '__weight__'))", stacklevel=3)
+            hashes = hash_keys(hashes)
+        snapshot, rule = self._rule(epoch)
+        return rule.weights(hashes, snapshot.lookup(hashes))
+
     def update(self, loss: torch.Tensor, keys: Any, weights: Any = None,
                scores: Any = None) -> torch.Tensor:
         """Record each sample's score (by default its loss); return the weighted mean loss.
 
         ``loss``: per-sample losses, shape ``(batch,)`` (``reduction="none"``), any dtype and
-        device. ``keys``: the batch's ``__key__`` strings or ``__key_hash__`` tensor.
-        ``weights``: the batch's ``__weight__``; None recomputes them from the keys.
-        ``scores``: what to record instead of the loss, one per sample, when the loss's scale
-        depends on something drawn anew each time (a diffusion timestep): e.g. the loss
-        divided by the mean loss at its timestep. The returned loss is unchanged.
+        device. ``keys``: the batch's ``__key__`` strings or ``__key_hash__`` tensor (on the
+        host or the device). ``weights``: the batch's ``__weight__``; None recomputes them
+        from the keys. ``scores``: what to record instead of the loss, one per sample, when
+        the loss's scale depends on something drawn anew each time (a diffusion timestep):
+        e.g. the loss divided by the mean loss at its timestep.
+
+        Returns ``(loss.float() * weights).mean()`` in float32, whatever the loss's dtype and
+        autocast. Nothing here waits for the GPU: scores are copied to pinned memory without
+        blocking and recorded once the copy is known done (a later call, or the epoch's
+        end), weights go to the device without a sync. Only ``weights=None`` with keys on the
+        GPU has to wait (it warns once).
+
+        >>> loss = ib.update(F.cross_entropy(model(x), y, reduction="none"), keys, weights)  # doctest: +SKIP
+        >>> loss.backward()                                                                  # doctest: +SKIP
         """
         epoch = self._begin_epoch()
         if not isinstance(loss, torch.Tensor) or loss.dim() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(f"update() needs one loss per sample, shape (batch,), got {shape}; "
                              f"compute the loss with reduction='none'")
-        hashes = self._key_hashes(keys)
-        if len(hashes) != loss.shape[0]:
-            raise ValueError(f"update() got {loss.shape[0]} losses but {len(hashes)} keys")
-        self._recorder.record(hashes, loss if scores is None else torch.as_tensor(scores))
+        count = loss.shape[0]
+        hashes = self._batch_keys(keys)
+        if hashes.shape[0] != count:
+            raise ValueError(f"update() got {count} losses but {hashes.shape[0]} keys")
+        recorded = loss if scores is None else _per_sample(scores, count, "scores")
+        self._recorder.record(hashes, recorded)
         if weights is None:
-            snapshot, rule = self._rule(epoch)
-            weights = rule.weights(hashes, snapshot.lookup(hashes))
+            weights = self._weights_now(epoch, hashes)
+        else:
+            weights = _per_sample(weights, count, "weights")
         return weighted_mean(loss, weights)
 
-    def bound(self, loader: Iterable) -> Iterator[Any]:
+    def bound(self, loader: Iterable, gradient_accumulation_steps: int = 1) -> Iterator[Any]:
         """Yield the loader's batches, the same number on every rank, within the step plan.
 
         Pruning leaves ranks with different sample counts; DDP must never wait for a rank
-        that has run out. Each step the ranks agree (one tiny all-reduce) whether all still
-        have a batch, and all stop together. With a step plan (``plan_steps``) an epoch also
-        stops where the run's step budget says, so an LR schedule never overruns its total.
+        that has run out. Each rank fetches the micro-batches of an optimizer step
+        (``gradient_accumulation_steps`` of them), then the ranks agree, once per step, on
+        the CPU over a gloo group of InfoBatch's own (never waiting for the GPU), that all
+        have them; all stop together, on an accumulation boundary. With a step plan
+        (``plan_steps``) an epoch also stops where the run's budget of optimizer steps says,
+        so an LR schedule never overruns its total. A commit still in flight
+        (``end_epoch(wait=False)``) is waited for before the loader is started.
+
+        >>> for i, (x, keys, w) in enumerate(ib.bound(loader, gradient_accumulation_steps=4)):
+        ...     (ib.update(per_sample_loss(x), keys, w) / 4).backward()      # doctest: +SKIP
+        ...     if i % 4 == 3: opt.step(); opt.zero_grad()                   # doctest: +SKIP
         """
+        accumulation = check_int(gradient_accumulation_steps, "gradient_accumulation_steps", 1)
         epoch = self._begin_epoch()
         self._budget.check_world_size(distributed.world_size())
+        plan = self._budget.plan
+        if plan is not None and plan.gradient_accumulation_steps != accumulation:
+            raise ValueError(
+                f"plan_steps() counted optimizer steps of {plan.gradient_accumulation_steps} "
+                f"micro-batches, but bound() got gradient_accumulation_steps={accumulation}: "
+                f"pass the same gradient_accumulation_steps to both")
         limit = self._budget.limit(self.policy, epoch, self.num_epochs, self._rule(epoch)[0])
         self._in_bound = True
         try:
-            for batch in equal_batches(loader, limit):
+            for micro_batches in equal_steps(loader, limit, accumulation,
+                                             distributed.control_group()):
                 self._budget.done += 1
-                yield batch
+                yield from micro_batches
         finally:
             self._in_bound = False
 
@@ -293,28 +418,34 @@ class InfoBatch:
 
     def plan(self, dataset_size: int | None = None) -> EpochPlan:
         """What the coming epoch will keep, counted exactly from the latest snapshot."""
+        self._settle()
         epoch, snapshot = epoch_to_train(self.store) if self._epoch is None else (
             self._epoch, self._rule(self._epoch)[0])
         return plan_epoch(self.policy, epoch, snapshot, dataset_size)
 
     def plan_steps(self, dataset_size: int, batch_size: int, world_size: int | None = None,
-                   drop_last: bool = True, *, replan: bool = False) -> StepPlan:
+                   drop_last: bool = True, gradient_accumulation_steps: int = 1, *,
+                   replan: bool = False) -> StepPlan:
         """The run's optimizer steps: exact for the coming epoch, planned for the rest.
 
         The first call fixes the run's step budget (``total_steps``), which ``bound()`` then
-        keeps; it travels in ``state_dict()``. ``batch_size`` is per rank. Called again with
-        other values it refuses, unless ``replan=True`` makes a new total from here on (for
-        a new LR schedule). Before any score exists the pruned epochs are estimated on the
-        safe side: the run ends a few steps short of the total rather than cutting epochs;
-        a cut, if pruning saves less than planned, is warned about with its size.
+        keeps; it travels in ``state_dict()``. ``batch_size`` is per rank and micro-batch;
+        an optimizer step takes ``gradient_accumulation_steps`` micro-batches per rank (pass
+        the same value to ``bound()``). Called again with other values it refuses, unless
+        ``replan=True`` makes a new total from here on (for a new LR schedule). Before any
+        score exists the pruned epochs are estimated on the safe side: the run ends a few
+        steps short of the total rather than cutting epochs; a cut, if pruning saves less
+        than planned, is warned about with its size.
 
         >>> plan = ib.plan_steps(dataset_size=50_000, batch_size=128)        # doctest: +SKIP
         >>> sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=plan.total_steps)
         """
+        self._settle()
         world_size = distributed.world_size() if world_size is None else world_size
         epoch, snapshot = epoch_to_train(self.store)
         return self._budget.make_plan(self.policy, epoch, self.num_epochs, snapshot, dataset_size,
-                                      batch_size, world_size, drop_last, replan)
+                                      batch_size, world_size, drop_last,
+                                      gradient_accumulation_steps, replan)
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -328,8 +459,10 @@ class InfoBatch:
         the ``epochs()`` loop body: either resumes silently at the next epoch. A checkpoint
         taken inside ``bound()``'s loop is mid-epoch: it resumes at the start of that epoch,
         which re-runs with the same decisions (or, if the store committed that epoch after the
-        checkpoint, continues after it with a warning: the model missed part of it).
+        checkpoint, continues after it with a warning: the model missed part of it). Waits
+        for a commit in flight, so the state names the epoch the store is at.
         """
+        self._settle()
         in_epoch = self._epoch is not None
         return {
             "version": STATE_VERSION, "store": self.store.url, "settings": self._settings(),
@@ -341,6 +474,7 @@ class InfoBatch:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``'s state; the store stays the truth about committed epochs."""
+        self._settle()
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(f"not an InfoBatch state of version {STATE_VERSION}: "
                              f"{str(state)[:200]}")

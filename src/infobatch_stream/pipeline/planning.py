@@ -35,7 +35,15 @@ class EpochSteps:
 class StepPlan:
     """Optimizer steps per epoch and for the run (for ``OneCycleLR(total_steps=...)``).
 
-    ``batch_size`` is per rank; a step consumes ``batch_size * world_size`` samples.
+    ``batch_size`` is per rank and per micro-batch; an optimizer step takes
+    ``gradient_accumulation_steps`` micro-batches on each rank, so an epoch of ``b``
+    batches per rank has ``b // gradient_accumulation_steps`` steps (as ``bound()`` yields
+    them).
+
+    >>> plan = plan_steps(InfoBatchPolicy(2), 0, 2, ScoreSnapshot.empty(), 1000, 10,
+    ...                   gradient_accumulation_steps=4)                        # doctest: +SKIP
+    >>> [e.steps for e in plan.epochs]                                          # doctest: +SKIP
+    [25, 25]
     """
 
     dataset_size: int
@@ -43,6 +51,7 @@ class StepPlan:
     world_size: int
     drop_last: bool
     epochs: tuple[EpochSteps, ...]
+    gradient_accumulation_steps: int = 1
 
     @property
     def total_steps(self) -> int:
@@ -53,22 +62,29 @@ class StepPlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StepPlan:
+        # A plan saved before accumulation was counted had one micro-batch per step.
         return cls(data["dataset_size"], data["batch_size"], data["world_size"], data["drop_last"],
-                   tuple(EpochSteps(**e) for e in data["epochs"]))
+                   tuple(EpochSteps(**e) for e in data["epochs"]),
+                   data.get("gradient_accumulation_steps", 1))
 
 
-def steps_for(samples: int, batch_size: int, world_size: int, drop_last: bool) -> int:
-    per_step = batch_size * world_size
-    return samples // per_step if drop_last else -(-samples // per_step)
+def steps_for(samples: int, batch_size: int, world_size: int, drop_last: bool,
+              accumulation: int = 1) -> int:
+    """Optimizer steps of an epoch of ``samples``: whole accumulation groups of batches per rank."""
+    per_batch = batch_size * world_size
+    batches = samples // per_batch if drop_last else -(-samples // per_batch)
+    return batches // accumulation
 
 
 def plan_steps(policy: PruningPolicy, first_epoch: int, num_epochs: int, snapshot: ScoreSnapshot,
                dataset_size: int, batch_size: int, world_size: int = 1,
-               drop_last: bool = True) -> StepPlan:
+               drop_last: bool = True, gradient_accumulation_steps: int = 1) -> StepPlan:
     """Steps of epochs ``first_epoch .. num_epochs-1``: the first exact, the rest estimated."""
     for name, value in (("dataset_size", dataset_size), ("batch_size", batch_size),
-                        ("world_size", world_size)):
+                        ("world_size", world_size),
+                        ("gradient_accumulation_steps", gradient_accumulation_steps)):
         check_int(value, name, 1)
+    k = gradient_accumulation_steps
     coming = plan_epoch(policy, first_epoch, snapshot, dataset_size)
     if coming.rule.prunes:
         saved_estimate = coming.expected_saved_fraction
@@ -77,13 +93,14 @@ def plan_steps(policy: PruningPolicy, first_epoch: int, num_epochs: int, snapsho
     else:  # annealing already, or a ratio of 0: nothing is pruned from here on
         saved_estimate = 0.0
     entries = [EpochSteps(first_epoch, coming.samples,
-                          steps_for(coming.samples, batch_size, world_size, drop_last), True)]
+                          steps_for(coming.samples, batch_size, world_size, drop_last, k), True)]
     for epoch in range(first_epoch + 1, num_epochs):
         if policy.anneals(epoch):
             samples, exact = dataset_size, True
         else:
             samples, exact = round(dataset_size * (1.0 - saved_estimate)), False
         entries.append(EpochSteps(epoch, samples, steps_for(samples, batch_size, world_size,
-                                                            drop_last), exact))
-    return StepPlan(int(dataset_size), int(batch_size), int(world_size), drop_last, tuple(entries))
+                                                            drop_last, k), exact))
+    return StepPlan(int(dataset_size), int(batch_size), int(world_size), drop_last, tuple(entries),
+                    int(k))
 

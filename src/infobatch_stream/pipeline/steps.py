@@ -1,9 +1,9 @@
-"""Steps: every rank takes the same number of batches, within the run's step budget.
+"""Steps: every rank takes the same number of optimizer steps, within the run's step budget.
 
 Pruning leaves ranks with different sample counts; DDP must never wait for a rank that has
-run out, so each step the ranks agree whether all still have a batch (``equal_batches``).
-A step-based LR schedule is built on a total fixed before training (``plan_steps``);
-``StepBudget`` keeps every epoch inside it.
+run out, so before each optimizer step the ranks agree whether all still have its
+micro-batches (``equal_steps``). A step-based LR schedule is built on a total fixed before
+training (``plan_steps``); ``StepBudget`` keeps every epoch inside it.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterable, Iterator
+from itertools import islice
 from typing import Any
 
 from ..stages.policy import PruningPolicy
@@ -21,19 +22,26 @@ from .planning import StepPlan, plan_steps
 log = logging.getLogger(__name__)
 
 
-def equal_batches(loader: Iterable, limit: int | None) -> Iterator[Any]:
-    """The loader's batches, stopping when any rank runs out or after ``limit`` batches."""
+def equal_steps(loader: Iterable, limit: int | None, accumulation: int = 1,
+                group: Any = None) -> Iterator[list[Any]]:
+    """The loader's micro-batches in groups of ``accumulation``, one group per optimizer step.
+
+    Each rank fetches a whole group before the ranks agree (once per group, on ``group``,
+    with CPU tensors) that every rank has one; the first rank short of a whole group ends the
+    epoch on every rank, so an epoch always ends on an accumulation boundary. At most
+    ``limit`` groups (None: no limit).
+
+    >>> [len(g) for g in equal_steps(range(7), None, accumulation=3)]
+    [3, 3]
+    """
     iterator = iter(loader)
     taken = 0
     while limit is None or taken < limit:
-        try:
-            batch, has_batch = next(iterator), 1
-        except StopIteration:
-            batch, has_batch = None, 0
-        if distributed.all_min(has_batch) == 0:
+        micro = list(islice(iterator, accumulation))
+        if distributed.all_min(int(len(micro) == accumulation), group) == 0:
             break
         taken += 1
-        yield batch
+        yield micro
 
 
 class StepBudget:
@@ -58,19 +66,21 @@ class StepBudget:
 
     def make_plan(self, policy: PruningPolicy, epoch: int, num_epochs: int,
                   snapshot: ScoreSnapshot, dataset_size: int, batch_size: int, world_size: int,
-                  drop_last: bool, replan: bool = False) -> StepPlan:
+                  drop_last: bool, accumulation: int = 1, replan: bool = False) -> StepPlan:
         """The first call fixes the run's total; the same arguments give the same plan back.
 
         Other arguments are refused (a schedule built on the first total would overrun or end
         early) unless ``replan``: a new total for the rest of the run, from the steps done.
         """
         plan = self.plan
-        asked = (dataset_size, batch_size, world_size, drop_last)
+        asked = (dataset_size, batch_size, world_size, drop_last, accumulation)
         if plan is not None and not replan:
-            fixed = (plan.dataset_size, plan.batch_size, plan.world_size, plan.drop_last)
+            fixed = (plan.dataset_size, plan.batch_size, plan.world_size, plan.drop_last,
+                     plan.gradient_accumulation_steps)
             if fixed == asked:
                 return plan
-            names = ("dataset_size", "batch_size", "world_size", "drop_last")
+            names = ("dataset_size", "batch_size", "world_size", "drop_last",
+                     "gradient_accumulation_steps")
             differ = ", ".join(f"{n}={a!r} (planned {f!r})"
                                for n, f, a in zip(names, fixed, asked, strict=True) if f != a)
             raise ValueError(
@@ -79,7 +89,7 @@ class StepBudget:
                 f"would overrun or end early. Pass the same values, or replan=True and build "
                 f"the schedule anew on the new total")
         self.plan = plan_steps(policy, epoch, num_epochs, snapshot, dataset_size, batch_size,
-                               world_size, drop_last)
+                               world_size, drop_last, accumulation)
         self.origin = self.done
         return self.plan
 
@@ -96,7 +106,8 @@ class StepBudget:
         if plan is None or not plan.epochs[0].epoch <= epoch < num_epochs:
             return None
         now = plan_steps(policy, epoch, num_epochs, snapshot, plan.dataset_size,
-                         plan.batch_size, plan.world_size, plan.drop_last)
+                         plan.batch_size, plan.world_size, plan.drop_last,
+                         plan.gradient_accumulation_steps)
         left = plan.total_steps - (self.at_epoch_start - self.origin)
         needed = sum(e.steps for e in now.epochs)
         exact = now.epochs[0].steps
@@ -107,7 +118,8 @@ class StepBudget:
                 f"epoch {epoch}: the step budget (plan_steps: total {plan.total_steps}) has "
                 f"{left} steps left for the {needed} that this and the later epochs need, so "
                 f"this epoch takes {allowed} of its {exact} steps ({self.cut_steps} steps, "
-                f"{self.cut_steps * plan.batch_size} samples per rank not trained): pruning saved "
+                f"{self.cut_steps * plan.batch_size * plan.gradient_accumulation_steps} samples per "
+                f"rank not trained): pruning saved "
                 f"less than planned. Plan the budget after the first epoch, or use a schedule "
                 f"counted in epochs", stacklevel=3)
         return allowed
