@@ -151,7 +151,12 @@ def put_file(fs: AbstractFileSystem, source: str, path: str, *, exclusive: bool 
 
 
 def remove(fs: AbstractFileSystem, path: str) -> None:
-    """Delete one file; a file that is already gone is not an error."""
+    """Delete one file; a file that is already gone is not an error. On a local disk a link
+    is removed itself (never its target) and a directory is left alone."""
+    local = local_path(fs, path)
+    if local is not None:
+        remove_local_entry(local)
+        return
     try:
         fs.rm_file(path)
     except FileNotFoundError:
@@ -198,6 +203,15 @@ def _remove_tree(path: str) -> None:
     try:
         os.rmdir(path)
     except FileNotFoundError:
+        pass
+
+
+def remove_local_entry(path: str) -> None:
+    """Unlink one directory entry (a file, or a link itself, never its target); a directory
+    or a missing entry is left alone."""
+    try:
+        os.unlink(path)
+    except (FileNotFoundError, IsADirectoryError):
         pass
 
 
