@@ -225,3 +225,29 @@ def test_an_older_stores_delta_names_still_merge_in_time_order(local_backend: Ba
         local_backend.remove(new)
     assert store.commit(0).deltas == (legacy[1_000], legacy[2_000])
     assert store.snapshot().lookup(["a"]).tolist() == [2.0]
+
+
+def test_scores_that_cancel_open_whatever_the_summing_order(local_backend: Backend) -> None:
+    """The stored sum is checked against the scores up to rounding that scales with their
+    magnitudes: 1e30, -1e30 and 1 sum to 1 in file order and to 0 in another order (the
+    merge sums ranges of its own), and neither is damage."""
+    store = local_backend.open()
+    with store.writer(0) as writer:
+        writer.record(A, EPOCH0)
+    store.commit(0)
+    relpath = store.manifest(0).snapshot
+    cols = [np.array([1, 2, 3], np.uint64), np.float32([1e30, -1e30, 1.0]), np.zeros(3, np.uint32)]
+    meta = {"kind": "snapshot", "epoch": 0, "mean": 0.0, "score_sum": 0.0}
+    data, digest = _table_bytes(SNAPSHOT_SCHEMA, cols, meta)
+    local_backend.write(relpath, data)
+    _edit_manifest(local_backend, 0, snapshot_bytes=len(data), snapshot_xxh3=digest, mean=0.0,
+                   score_sum=0.0, keys=3)
+    snap = local_backend.open().snapshot(0)
+    assert snap.mean == 0.0 and snap.scores.tolist() == cols[1].tolist()
+    # a sum off by more than rounding is still refused
+    meta = dict(meta, score_sum=1e22, mean=1e22 / 3)
+    data, digest = _table_bytes(SNAPSHOT_SCHEMA, cols, meta)
+    local_backend.write(relpath, data)
+    _edit_manifest(local_backend, 0, snapshot_bytes=len(data), snapshot_xxh3=digest, mean=1e22 / 3,
+                   score_sum=1e22)
+    assert_corrupt(lambda: local_backend.open().snapshot(0), local_backend, relpath, None, "sum to")

@@ -38,8 +38,10 @@ def _check_sums(table: TableFile, rows: int) -> float | None:
     if rows and mean != stored / rows:
         raise ValueError(f"its mean {mean} is not its score sum {stored} over {rows} keys")
     # Summed in another order than the merge's: equal up to rounding, which scales with the
-    # sum of magnitudes.
-    if abs(table.score_sum - stored) > 1e-9 * table.score_magnitude:
+    # sum of magnitudes (read only when the sum itself is not close enough: scores of mixed
+    # signs may cancel).
+    gap = abs(table.score_sum - stored)
+    if gap > 1e-9 * abs(stored) and gap > 1e-9 * table.score_magnitude():
         raise ValueError(f"its scores sum to {table.score_sum}, its metadata says {stored}")
     return None if mean is None else float(mean)
 

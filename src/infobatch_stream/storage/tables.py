@@ -70,8 +70,20 @@ class TableFile:
     batch: pa.RecordBatch
     path: str | None = None
     offsets: dict[str, int] = field(default_factory=dict)
-    score_sum: float = 0.0        # float64 sum of the score column, found by the check
-    score_magnitude: float = 0.0  # float64 sum of its absolute values (the sum's error scale)
+    score_sum: float = 0.0  # float64 sum of the score column, found by the check
+
+    def score_magnitude(self, rows_per_read: int = 1 << 20) -> float:
+        """The float64 sum of the scores' absolute values, read from the file in chunks (the
+        scale of a sum's rounding error; asked only when a sum looks off)."""
+        total, count = 0.0, len(self.columns["score"])
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for lo in range(0, count, rows_per_read):
+                chunk = self.read_rows(fd, "score", lo, min(count, lo + rows_per_read))
+                total += float(np.add.reduce(np.abs(chunk), dtype=np.float64))
+        finally:
+            os.close(fd)
+        return total
 
     def read_rows(self, fd: int, name: str, lo: int, hi: int) -> np.ndarray:
         """Rows ``lo:hi`` of a column as a private array, read from ``fd`` (this file, opened)."""
@@ -101,7 +113,6 @@ class _ColumnCheck:
         self.max_epoch = max_epoch
         self.last: int | None = None
         self.total = 0.0
-        self.magnitude = 0.0
 
     def __call__(self, raw: memoryview) -> str | None:
         values = np.frombuffer(raw, self.dtype)
@@ -116,7 +127,6 @@ class _ColumnCheck:
             if not math.isfinite(total):  # a NaN or inf makes the sum so; finite floats cannot
                 return "holds NaN or infinite scores"
             self.total += total
-            self.magnitude += float(np.add.reduce(np.abs(values), dtype=np.float64))
         elif self.name == "epoch" and self.max_epoch is not None and int(values.max()) > self.max_epoch:
             return f"holds scores of epoch {int(values.max())}, after its own epoch {self.max_epoch}"
         return None
@@ -216,4 +226,4 @@ def open_table_file(path: str, schema: pa.Schema, kind: str, *,
     if digest != meta.get("digest"):
         raise ValueError("column data does not match its checksum (the file is damaged)")
     return TableFile(columns=columns, meta=meta, batch=batch, path=path, offsets=offsets,
-                     score_sum=checks["score"].total, score_magnitude=checks["score"].magnitude)
+                     score_sum=checks["score"].total)
