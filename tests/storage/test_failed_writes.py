@@ -253,3 +253,27 @@ def test_wait_raises_a_background_failure_once(local_backend: Backend, monkeypat
     writer.flush()
     writer.close()
     assert store.commit(0).keys == 1
+
+
+def test_a_write_that_fills_the_disk_leaves_no_partial_temporary(local_backend: Backend,
+                                                                  monkeypatch) -> None:
+    """The disk fills while the temporary is being written (here: at its fsync): the partial
+    temporary is removed at once, not left for a later sweep on a disk that is full."""
+    import types
+
+    store = local_backend.open()
+    writer = store.writer(0)
+    writer.record(["a"], [1.0])
+    proxy = types.SimpleNamespace(**{k: getattr(os, k) for k in dir(os) if not k.startswith("__")})
+
+    def fsync_on_a_full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    proxy.fsync = fsync_on_a_full_disk
+    monkeypatch.setattr(fsio, "os", proxy)
+    with pytest.raises(StorageFullError):
+        writer.flush()
+    monkeypatch.undo()
+    assert [p for p in local_backend.files() if ".tmp-" in p] == []
+    writer.flush()
+    assert store.commit(0).keys == 1

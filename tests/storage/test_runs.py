@@ -284,3 +284,32 @@ def test_a_damaged_run_record_is_a_corrupt_store_error(backend: Backend) -> None
     with pytest.raises(CorruptStoreError, match="nested too deeply") as info:
         backend.open().begin_run("job")
     assert info.value.path == backend.path(layout.incarnation_name(1))
+
+
+def test_duplicates_expected_counts_without_the_collision_warning(backend: Backend, caplog) -> None:
+    """A resampled stream repeats keys by design: counted in the manifest, not warned about."""
+    store = backend.open()
+    lease = store.begin_run("job")
+    with store.writer(0, lease=lease) as writer:
+        writer.record(["a", "b", "a"], [1.0, 2.0, 3.0])
+    caplog.set_level(logging.WARNING)
+    assert store.commit(0, lease=lease, duplicates_expected=True).duplicates == 1
+    assert "keys collide" not in caplog.text and "updates hit a key" not in caplog.text
+    with store.writer(1, lease=lease) as writer:
+        writer.record(["a", "a"], [1.0, 3.0])
+    assert store.commit(1, lease=lease).duplicates == 1
+    assert "keys collide" in caplog.text
+
+
+def test_begin_run_refuses_settings_that_are_not_json(backend: Backend) -> None:
+    import infobatch_stream as ibs
+
+    store = backend.open()
+    for bad in ({"prune_ratio": float("nan")}, {"key": object()}, {1: "x"}, ["prune_ratio"]):
+        with pytest.raises((TypeError, ValueError), match="settings"):
+            store.begin_run("job", bad)
+    with pytest.raises(ValueError, match="run_id"):
+        store.begin_run("")
+    assert store.run_record() is None
+    assert ibs.RunLease is RunLease and ibs.FencedError is FencedError  # the package's face
+    assert ibs.SettingsMismatchError is SettingsMismatchError and ibs.StorageFullError

@@ -117,6 +117,9 @@ def _edit_delta(cols: list[np.ndarray], meta: dict, edit: str) -> tuple[list, di
         meta["incarnation"] = 9
     elif edit == "deep-metadata":
         return cols, meta, b'{"kind": "delta", "epoch": 1, "x": ' + DEEP + b"}"
+    elif edit == "fractional-rows":  # 2.0 == 2 in Python: it passed the row count check
+        raw = dict(meta, rows=float(len(cols[0])), digest=columns_digest(cols))
+        return cols, meta, json.dumps(raw).encode()
     return cols, meta, None
 
 
@@ -129,6 +132,7 @@ def _edit_delta(cols: list[np.ndarray], meta: dict, edit: str) -> tuple[list, di
     "true-duplicates": ("true-duplicates", "'duplicates' must be"),
     "other-incarnation": ("other-incarnation", "holds incarnation 9, its name says 0"),
     "deep-metadata": ("deep-metadata", "nested too deeply"),
+    "fractional-rows": ("fractional-rows", "its metadata says 2.0"),
 }, s3=("negative-duplicates", "unsorted"))
 def test_a_delta_with_a_valid_checksum_but_wrong_content_fails_the_commit(
         backend: Backend, edit: str, problem: str) -> None:

@@ -104,10 +104,14 @@ def write_bytes(fs: AbstractFileSystem, path: str, data: bytes, *, exclusive: bo
     if local is not None:
         os.makedirs(os.path.dirname(local), exist_ok=True)
         tmp = local_tmp_name(local)
-        with open(tmp, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            with open(tmp, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            remove_local(tmp)  # a full disk must not be left fuller by a partial temporary
+            raise
         _local_install(tmp, local, exclusive)
         return
     if exclusive:
@@ -140,7 +144,11 @@ def put_file(fs: AbstractFileSystem, source: str, path: str, *, exclusive: bool 
         except OSError:
             import shutil
 
-            shutil.copyfile(source, tmp)
+            try:
+                shutil.copyfile(source, tmp)
+            except BaseException:
+                remove_local(tmp)
+                raise
         _local_install(tmp, local, exclusive)
         return
     kwargs = {"callback": callback} if callback is not None else {}
