@@ -100,6 +100,8 @@ class DeltaWriter:
         # Recorded and not yet durably written, in record order: (hashes, scores, rejected).
         self._parts: list[tuple[np.ndarray, np.ndarray, int]] = []
         self._parts_before = 0  # parts ever released (written); numbers parts absolutely
+        self._rows = 0          # rows in ``_parts`` (a count: record() asks it every call)
+        self._rejected = 0      # rejected scores counted in ``_parts``
         self._unsubmitted = 0   # rows recorded since the last background submission
         self._lock = threading.Lock()
         self._failed: BaseException | None = None
@@ -110,14 +112,12 @@ class DeltaWriter:
     @property
     def pending(self) -> int:
         """Rows recorded and not yet durably written (buffered, or in a write under way)."""
-        with self._lock:
-            return sum(len(part[0]) for part in self._parts)
+        return self._rows
 
     @property
     def rejected_nonfinite(self) -> int:
         """NaN/inf scores dropped since the last write that succeeded (a delta carries them)."""
-        with self._lock:
-            return sum(part[2] for part in self._parts)
+        return self._rejected
 
     def record(self, keys: Any, scores: Any) -> None:
         """Buffer the latest score of each key (str/bytes keys or uint64 hashes; any numeric array).
@@ -137,12 +137,14 @@ class DeltaWriter:
         with self._lock:
             self._parts.append((np.array(hashes, np.uint64, copy=True),
                                 np.array(values, np.float32, copy=True), bad))
+            self._rows += len(hashes)
+            self._rejected += bad
         self._unsubmitted += len(hashes)
         if self.background:
             self._raise_failed()
             if self._unsubmitted >= self.flush_rows:
                 self._submit()
-        elif self.pending >= self.flush_rows:
+        elif self._rows >= self.flush_rows:
             self.flush()
 
     def _submit(self) -> None:
@@ -180,6 +182,8 @@ class DeltaWriter:
         with self._lock:
             del self._parts[:len(parts)]
             self._parts_before += len(parts)
+            self._rows -= len(hashes)
+            self._rejected -= rejected
         return relpath
 
     def _next_name(self) -> str:
