@@ -25,7 +25,7 @@ from .files import cache_full_advice, is_disk_full, now
 from .layout import Manifest
 from .merge import merge_snapshot
 from .reader import StoreReader
-from .runs import Owner, RunLease
+from .runs import RunLease
 from .snapshot import ScoreSnapshot
 
 log = logging.getLogger(__name__)
@@ -90,9 +90,10 @@ def commit_epoch(store: StoreReader, epoch: int, *, lease: RunLease | None = Non
     if lease is not None:  # the last moment before the epoch becomes visible
         runs.check_fence(store.files, lease, f"commit epoch {epoch}")
     manifest = _publish(store, manifest, relpath, run_id, takeover)
-    selection.report(store, epoch, chosen, lease, run_id)
-    selection.warn_duplicates(epoch, manifest.duplicates, chosen, duplicates_expected,
-                              lease is not None)
+    if manifest.snapshot == relpath:  # ours, not a rival's that was published first
+        selection.report(store, epoch, chosen, lease, run_id)
+        selection.warn_duplicates(epoch, manifest.duplicates, chosen, duplicates_expected,
+                                  lease is not None)
     retention.retain(store, manifest, started)
     return manifest
 
@@ -101,9 +102,7 @@ def _refuse_other_manifest(store: StoreReader, manifest: Manifest, run_id: str |
                            takeover: bool) -> None:
     """OwnershipError when another run committed ``manifest`` (unless ``takeover``)."""
     if not takeover:
-        runs.refuse_other_run(store.url, Owner(manifest.run_id, f"{runs.describe_run(manifest.run_id)} "
-                              f"(it committed epoch {manifest.epoch} at {manifest.created_at})",
-                              None), run_id)
+        runs.refuse_other_run(store.url, runs.manifest_owner(manifest), run_id)
 
 
 def _recommit(store: StoreReader, epoch: int, latest: int, run_id: str | None, takeover: bool,

@@ -29,6 +29,7 @@ from . import layout
 from .checks import check_int
 from .errors import CorruptStoreError, FencedError, OwnershipError, SettingsMismatchError, StoreError
 from .files import StoreFiles, now
+from .layout import Manifest
 
 if TYPE_CHECKING:
     from .reader import StoreReader
@@ -164,8 +165,11 @@ def owner_of(store: StoreReader, numbers: list[int] | None = None) -> Owner | No
         record = read_record(store.files, numbers[-1], store.last_good_epoch)
         return Owner(record.run_id, record.describe(), record.settings)
     manifest = store.manifest()
-    if manifest is None:
-        return None
+    return None if manifest is None else manifest_owner(manifest)
+
+
+def manifest_owner(manifest: Manifest) -> Owner:
+    """The run that committed ``manifest``, as an owner."""
     return Owner(manifest.run_id, f"{describe_run(manifest.run_id)} (it committed epoch "
                  f"{manifest.epoch} at {manifest.created_at})", None)
 
