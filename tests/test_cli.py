@@ -33,11 +33,11 @@ def build_store(path, epochs: int = 4, keys_per_epoch: int = 800, **store_kwargs
     for epoch in range(epochs):
         keys = [f"shard{i % 7}/{i:06d}" for i in range(keys_per_epoch * (epoch + 1))]
         scores = rng.lognormal(0.0, 0.8, len(keys)).astype(np.float32)
-        with store.writer(epoch, rank=0) as writer:
+        with store.writer(epoch, rank=0, run_id="run-a") as writer:
             writer.record(keys, scores)
         known.update(zip(keys, scores, strict=True))
-        if epoch == 2:  # rank 1 flushes later, so its scores win; its inf is rejected
-            with store.writer(epoch, rank=1) as writer:
+        if epoch == 2:  # rank 1 merges after rank 0, so its scores win; its inf is rejected
+            with store.writer(epoch, rank=1, run_id="run-a") as writer:
                 writer.record(keys[:3] + ["inf-key"], [9.0, 10.0, 11.0, np.inf])
             known.update(zip(keys[:3], np.float32([9.0, 10.0, 11.0]), strict=True))
         store.commit(epoch, run_id="run-a")
@@ -355,3 +355,56 @@ def test_inspect_shows_deltas_left_in_committed_epochs(tmp_path, capsys):
     assert "WARNING: epoch 0 is committed but 1 of its delta file(s)" in err
     assert cli.main(["inspect", store.url]) == 0
     assert "left over in committed epoch 0: 1 delta file(s)" in capsys.readouterr().out
+
+
+def test_inspect_opens_the_newer_epoch_when_its_own_is_retired_meanwhile(tmp_path, capsys,
+                                                                         monkeypatch):
+    """A live run commits twice (keep_snapshots=1) between inspect's listing and its open: the
+    report describes the newer epoch, coherently (it exited 2 on the retired one before)."""
+    from infobatch_stream.storage.files import StoreFiles
+
+    store, _ = build_store(tmp_path / "scores", epochs=2, keep_snapshots=1)
+    real_read = StoreFiles.read
+    staged = []
+
+    def read_then_a_run_commits(self, relpath):
+        data = real_read(self, relpath)
+        if relpath.startswith("manifests/") and not staged:
+            staged.append(relpath)
+            for epoch in (2, 3):
+                with store.writer(epoch, run_id="run-a") as writer:
+                    writer.record(["late"], [float(epoch)])
+                store.commit(epoch, run_id="run-a")
+        return data
+
+    monkeypatch.setattr(StoreFiles, "read", read_then_a_run_commits)
+    report, _ = run_json(capsys, "inspect", store.url)
+    assert staged == ["manifests/epoch-00000001.json"]
+    assert report["latest_epoch"] == 3 and report["snapshot"]["epoch"] == 3
+    assert [row["epoch"] for row in report["epochs"]] == [3]
+    assert report["next_epoch"]["epoch"] == 4
+
+
+def test_inspect_counts_the_next_epoch_with_the_runs_recorded_settings(tmp_path, capsys):
+    """The store records the run's settings (begin_run): inspect shows them and counts the
+    next epoch with them, without --prune-ratio/--seed; the flags still override."""
+    store, _ = build_store(tmp_path / "scores")
+    settings = {"policy": "InfoBatchPolicy", "num_epochs": 10, "prune_ratio": 0.3,
+                "delta": 0.875, "seed": 7, "key": "__key__"}
+    lease = store.begin_run("run-a", settings)
+    report, _ = run_json(capsys, "inspect", store.url)
+    assert report["run"]["settings"] == settings and report["run"]["incarnation"] == lease.incarnation
+    assert report["run"]["run_id"] == "run-a"
+    nxt = report["next_epoch"]
+    assert (nxt["prune_ratio"], nxt["seed"], nxt["num_epochs"], nxt["delta"]) == (0.3, 7, 10, 0.875)
+    assert nxt["pruned"] == policy_pruned(store.snapshot(), 0.3, seed=7) and not nxt["annealing"]
+    report, _ = run_json(capsys, "inspect", store.url, "--seed", "1")
+    assert report["next_epoch"]["seed"] == 1 and report["next_epoch"]["prune_ratio"] == 0.3
+    assert report["next_epoch"]["pruned"] == policy_pruned(store.snapshot(), 0.3, seed=1)
+    assert cli.main(["inspect", store.url]) == 0
+    out = capsys.readouterr().out
+    assert "run run-a, incarnation 1" in out and "prune_ratio=0.3" in out and "seed=7" in out
+    # The run's last epochs anneal: nothing is pruned, and inspect says so.
+    store.begin_run("run-a", dict(settings, num_epochs=4, delta=0.5), takeover=True)
+    report, _ = run_json(capsys, "inspect", store.url)
+    assert report["next_epoch"]["annealing"] and report["next_epoch"]["pruned"] == 0

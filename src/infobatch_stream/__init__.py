@@ -29,15 +29,18 @@ _NAMES = {
     "CorruptStoreError": "storage.errors", "NotAStoreError": "storage.errors",
     "OwnershipError": "storage.errors", "StoreError": "storage.errors",
     "StoreUnavailableError": "storage.errors", "RetryPolicy": "storage.retry",
+    "FencedError": "storage.errors", "SettingsMismatchError": "storage.errors",
+    "StorageFullError": "storage.errors", "RunLease": "storage.runs",
     "DeltaWriter": "storage.writer", "Manifest": "storage.layout",
     "ScoreSnapshot": "storage.snapshot", "ScoreStore": "storage.store",
     "hash_key": "storage.keys", "hash_keys": "storage.keys",
     "parse_storage_options": "storage.options",
 }
 __all__ = [
-    "CorruptStoreError", "DeltaWriter", "EpochPlan", "EpochRule", "InfoBatch", "InfoBatchPolicy",
-    "Manifest", "NotAStoreError", "OwnershipError", "PruningPolicy", "RandomPolicy", "RetryPolicy",
-    "ScoreSnapshot", "ScoreStore", "StepPlan", "StoreError", "StoreUnavailableError",
+    "CorruptStoreError", "DeltaWriter", "EpochPlan", "EpochRule", "FencedError", "InfoBatch",
+    "InfoBatchPolicy", "Manifest", "NotAStoreError", "OwnershipError", "PruningPolicy",
+    "RandomPolicy", "RetryPolicy", "RunLease", "ScoreSnapshot", "ScoreStore",
+    "SettingsMismatchError", "StepPlan", "StorageFullError", "StoreError", "StoreUnavailableError",
     "__version__", "annealing_start", "hash_key", "hash_keys", "parse_storage_options",
     "register_fsspec_schemes", "sample_key", "set_shard_storage_options", "shard_key",
 ]
@@ -69,8 +72,11 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .stages.urls import register_fsspec_schemes, set_shard_storage_options
     from .storage.errors import (
         CorruptStoreError,
+        FencedError,
         NotAStoreError,
         OwnershipError,
+        SettingsMismatchError,
+        StorageFullError,
         StoreError,
         StoreUnavailableError,
     )
@@ -78,6 +84,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .storage.layout import Manifest
     from .storage.options import parse_storage_options
     from .storage.retry import RetryPolicy
+    from .storage.runs import RunLease
     from .storage.snapshot import ScoreSnapshot
     from .storage.store import ScoreStore
     from .storage.writer import DeltaWriter

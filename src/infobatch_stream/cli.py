@@ -23,7 +23,7 @@ import numpy as np
 
 from . import __version__
 from .stages.plan import plan_epoch
-from .stages.policy import InfoBatchPolicy, check_prune_ratio
+from .stages.policy import InfoBatchPolicy, RandomPolicy, check_prune_ratio
 from .storage import Manifest, ScoreSnapshot, ScoreStore, StoreError, fsio, layout
 from .storage.options import add_storage_option_argument
 
@@ -80,9 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", parents=[store], help="retained epochs, score "
                                   "distribution and next epoch's pruning")
     inspect.add_argument("--epoch", type=_non_negative, help="snapshot to describe (default: latest)")
-    inspect.add_argument("--prune-ratio", "--ratio", type=_ratio, default=0.5, dest="prune_ratio",
-                         help="prune ratio r, as InfoBatch(prune_ratio=...) (default 0.5)")
-    inspect.add_argument("--seed", type=_non_negative, default=0, help="the run's seed (default 0)")
+    inspect.add_argument("--prune-ratio", "--ratio", type=_ratio, dest="prune_ratio",
+                         help="prune ratio r, as InfoBatch(prune_ratio=...) (default: the "
+                              "store's recorded setting, else 0.5)")
+    inspect.add_argument("--seed", type=_non_negative,
+                         help="the run's seed (default: the store's recorded setting, else 0)")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.set_defaults(run=_inspect)
 
@@ -145,36 +147,81 @@ def _retained_manifests(store: ScoreStore) -> list[Manifest]:
     return manifests
 
 
+def _open_snapshot_and_manifests(store: ScoreStore, epoch: int | None
+                                 ) -> tuple[ScoreSnapshot, list[Manifest]]:
+    """The snapshot to describe and the retained manifests, coherent with each other.
+
+    Without ``epoch``: the newest snapshot first (a live run's commit that retires the epoch
+    being opened makes the store open the newer one), then the manifests up to its epoch.
+    """
+    if epoch is not None:
+        snap = store.snapshot(epoch)
+        return snap, _retained_manifests(store)
+    snap = store.snapshot()
+    last = -1 if snap.epoch is None else snap.epoch
+    return snap, [m for m in _retained_manifests(store) if m.epoch <= last]
+
+
 def _inspect(args: argparse.Namespace) -> int:
     store = _open_store(args)
-    manifests = _retained_manifests(store)
+    snap, manifests = _open_snapshot_and_manifests(store, args.epoch)
     latest = manifests[-1].epoch if manifests else None
     next_epoch = 0 if latest is None else latest + 1
+    record = store.run_record()
     report: dict[str, Any] = {
         "store": args.url, "latest_epoch": latest,
         "epochs": [{name: getattr(m, name) for name in EPOCH_FIELDS} for m in manifests],
+        "run": None if record is None else {k: v for k, v in record.to_dict().items()
+                                            if k != "inherited"},
         "snapshot": None, "next_epoch": None,
         "pending_deltas": {"epoch": next_epoch, "files": store.pending_deltas(next_epoch)},
         # deltas of committed epochs: never merged (flushed late) or not yet cleaned up
         "leftover_deltas": {str(e): files for e, files in store.leftover_deltas().items()},
     }
     if manifests or args.epoch is not None:
-        # The epoch listed above, not a newer one a live run may have committed since.
-        snap = store.snapshot(latest if args.epoch is None else args.epoch)
         report["snapshot"] = snapshot_stats(snap)
-        report["next_epoch"] = next_epoch_pruning(snap, args.prune_ratio, args.seed)
+        settings = counting_settings(record.settings if record is not None else None, args)
+        try:
+            report["next_epoch"] = next_epoch_pruning(snap, **settings)
+        except (TypeError, ValueError) as exc:  # a recorded setting this version cannot use
+            raise CliError(f"{args.url}: cannot count the next epoch with the store's recorded "
+                           f"settings {settings} ({exc}); pass --prune-ratio and --seed") from None
+    _warn(report, manifests)
+    print(json.dumps(report, indent=1, allow_nan=False) if args.json else _format(report))
+    return 0
+
+
+def counting_settings(recorded: dict[str, Any] | None, args: argparse.Namespace) -> dict[str, Any]:
+    """What the next epoch is counted with: the flags, else the store's recorded run
+    settings, else the defaults (r=0.5, seed 0, counted as a pruning epoch).
+
+    >>> counting_settings({"prune_ratio": 0.3, "seed": 7}, build_parser().parse_args(
+    ...     ["inspect", "x", "--seed", "1"]))["seed"]
+    1
+    """
+    recorded = recorded or {}
+    out = {"prune_ratio": recorded.get("prune_ratio", 0.5), "seed": recorded.get("seed", 0),
+           "num_epochs": recorded.get("num_epochs"), "delta": recorded.get("delta"),
+           "policy": recorded.get("policy", "InfoBatchPolicy")}
+    if args.prune_ratio is not None:
+        out["prune_ratio"] = args.prune_ratio
+    if args.seed is not None:
+        out["seed"] = args.seed
+    return out
+
+
+def _warn(report: dict[str, Any], manifests: list[Manifest]) -> None:
     for m in manifests:
         if m.duplicates:
             print(f"WARNING: epoch {m.epoch}: {m.duplicates:,} updates hit a key already updated "
-                  f"in that epoch: keys collide across shards (use a shard-qualified key) or a "
-                  f"crashed attempt's deltas were merged", file=sys.stderr)
+                  f"in that epoch: keys collide across shards (use a shard-qualified key), a "
+                  f"crashed attempt's deltas were merged, or the stream is resampled",
+                  file=sys.stderr)
     for epoch, files in report["leftover_deltas"].items():
         print(f"WARNING: epoch {epoch} is committed but {len(files)} of its delta file(s) are "
               f"still in the store (flushed after its commit, by another run, or an interrupted "
               f"clean-up); they are not in any snapshot, and the next commit removes them",
               file=sys.stderr)
-    print(json.dumps(report, indent=1, allow_nan=False) if args.json else _format(report))
-    return 0
 
 
 def snapshot_stats(snap: ScoreSnapshot) -> dict[str, Any]:
@@ -194,24 +241,35 @@ def snapshot_stats(snap: ScoreSnapshot) -> dict[str, Any]:
     return stats
 
 
-def next_epoch_pruning(snap: ScoreSnapshot, prune_ratio: float, seed: int = 0) -> dict[str, Any]:
-    """How many of the snapshot's keys InfoBatch prunes in the following epoch: exact and expected.
+POLICIES = {"InfoBatchPolicy": InfoBatchPolicy, "RandomPolicy": RandomPolicy}
 
-    Counted by ``plan_epoch``, as ``InfoBatch.plan()`` counts.
+
+def next_epoch_pruning(snap: ScoreSnapshot, prune_ratio: float = 0.5, seed: int = 0, *,
+                       num_epochs: int | None = None, delta: float | None = None,
+                       policy: str = "InfoBatchPolicy") -> dict[str, Any]:
+    """How many of the snapshot's keys the run prunes in the following epoch: exact and expected.
+
+    Counted by ``plan_epoch``, as ``InfoBatch.plan()`` counts. With the run's ``num_epochs``
+    and ``delta`` (recorded in the store by ``begin_run``) an annealing epoch prunes
+    nothing; without them the epoch is counted as a pruning one. A policy other than the
+    built-in two is counted as InfoBatch's.
 
     >>> next_epoch_pruning(store.snapshot(), 0.5)["pruned"]  # doctest: +SKIP
     3110
     """
     epoch = 0 if snap.epoch is None else snap.epoch + 1
-    # The store does not know the run's num_epochs: count as a pruning (not annealing) epoch.
-    policy = InfoBatchPolicy(num_epochs=epoch + 1, prune_ratio=prune_ratio, delta=1.0, seed=seed)
-    plan = plan_epoch(policy, epoch, snap)
+    scheduled = num_epochs is not None and delta is not None
+    counted = POLICIES.get(policy, InfoBatchPolicy)(
+        num_epochs=num_epochs if scheduled else epoch + 1, prune_ratio=prune_ratio,
+        delta=delta if scheduled else 1.0, seed=seed)
+    plan = plan_epoch(counted, epoch, snap)
     n = len(snap)
     below = int(np.count_nonzero(snap.scores < np.float64(snap.mean))) if n else 0
-    return {"epoch": epoch, "prune_ratio": prune_ratio, "seed": seed,
+    expected = 0.0 if plan.annealing else prune_ratio * below
+    return {"epoch": epoch, "prune_ratio": prune_ratio, "seed": seed, "policy": policy,
+            "num_epochs": num_epochs, "delta": delta, "annealing": plan.annealing,
             "threshold": plan.rule.threshold, "pruned": plan.pruned, "kept": plan.kept_known,
-            "pruned_expected": prune_ratio * below,
-            "saved_fraction_expected": prune_ratio * below / n if n else 0.0}
+            "pruned_expected": expected, "saved_fraction_expected": expected / n if n else 0.0}
 
 
 def _g(value: float | None) -> str:
@@ -222,6 +280,12 @@ def _format(report: dict[str, Any]) -> str:
     rows = report["epochs"]
     lines = [(f"store {report['store']}: {len(rows)} retained epoch(s), latest "
               f"{_g(report['latest_epoch'])}")]
+    run = report["run"]
+    if run is not None:
+        settings = ", ".join(f"{k}={v!r}" for k, v in sorted(run["settings"].items())) or "none"
+        lines.append(f"run {run['run_id'] or '(no run id)'}, incarnation {run['incarnation']} "
+                     f"(started {run['created_at']} on {run['host']}, pid {run['pid']}, at epoch "
+                     f"{run['started_epoch']}); settings: {settings}")
     if rows:
         lines.append(f"{'epoch':>6} {'keys':>12} {'updated':>12} {'new keys':>12} "
                      f"{'duplicates':>10} {'rejected':>9} {'mean':>11}  {'created_at':<25} run_id")
@@ -239,10 +303,11 @@ def _format(report: dict[str, Any]) -> str:
             lines.append(f"  below the mean: {snap['below_mean']:,} keys "
                          f"({snap['fraction_below_mean']:.2%})")
         n = max(snap["keys"], 1)
+        annealing = " (annealing: nothing is pruned)" if nxt["annealing"] else ""
         lines.append(f"epoch {nxt['epoch']} at prune ratio {nxt['prune_ratio']:g} (seed "
-                     f"{nxt['seed']}): {nxt['pruned']:,} keys pruned exactly ({nxt['pruned'] / n:.2%}); "
-                     f"expected r*P(score<mean) = {nxt['pruned_expected']:,.1f} "
-                     f"({nxt['saved_fraction_expected']:.2%})")
+                     f"{nxt['seed']}){annealing}: {nxt['pruned']:,} keys pruned exactly "
+                     f"({nxt['pruned'] / n:.2%}); expected r*P(score<mean) = "
+                     f"{nxt['pruned_expected']:,.1f} ({nxt['saved_fraction_expected']:.2%})")
     pending = report["pending_deltas"]
     lines.append(f"pending for epoch {pending['epoch']}: {len(pending['files'])} delta file(s) "
                  f"not yet committed")

@@ -26,11 +26,11 @@ class HeldCommit:
         self.calls: list[int] = []
         original = store_module.commit_epoch
 
-        def held(store, epoch, run_id, takeover):
+        def held(store, epoch, **kwargs):
             self.calls.append(epoch)
             self.entered.set()
             assert self.gate.wait(60), "the test never released the commit"
-            return original(store, epoch, run_id, takeover)
+            return original(store, epoch, **kwargs)
 
         monkeypatch.setattr(store_module, "commit_epoch", held)
 
@@ -118,7 +118,7 @@ def test_a_body_that_ended_its_epoch_overlapped_is_not_committed_twice(tmp_path,
 
 
 def test_a_failed_overlapped_commit_is_raised_where_the_snapshot_is_needed(tmp_path, monkeypatch):
-    def broken(store, epoch, run_id, takeover):
+    def broken(store, epoch, **kwargs):
         raise OSError(f"disk full while committing epoch {epoch}")
 
     monkeypatch.setattr(store_module, "commit_epoch", broken)
@@ -137,7 +137,7 @@ def test_a_failed_overlapped_commit_is_raised_where_the_snapshot_is_needed(tmp_p
 
 
 def test_a_failed_overlapped_commit_ends_the_epochs_loop(tmp_path, monkeypatch):
-    def broken(store, epoch, run_id, takeover):
+    def broken(store, epoch, **kwargs):
         raise OSError("bucket gone")
 
     monkeypatch.setattr(store_module, "commit_epoch", broken)

@@ -198,17 +198,25 @@ def test_a_second_run_on_the_same_store_is_refused(tmp_path):
 
 
 def test_a_restart_of_the_same_run_is_never_refused(tmp_path, monkeypatch):
+    """torchrun gives every launch a new TORCHELASTIC_RUN_ID: it is not the run's identity, so
+    a job relaunched before its first checkpoint is the same run; a run_id given by the user
+    comes back with the checkpoint."""
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-1")
     ib = ibs.InfoBatch(tmp_path / "store", num_epochs=4)
     ib.update(torch.ones(1), ["x"])
-    assert ib.end_epoch().run_id == "launch-1"
-    state = ib.state_dict()
-    # torchrun --standalone gives every launch a new run id; the checkpoint carries the first.
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-2")
-    restarted = ibs.InfoBatch(tmp_path / "store", num_epochs=4)
+    assert ib.end_epoch().run_id is None
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-2")  # crashed; relaunched, no checkpoint
+    relaunched = ibs.InfoBatch(tmp_path / "store", num_epochs=4)
+    relaunched.update(torch.ones(1), ["x"])
+    assert relaunched.end_epoch().epoch == 1
+
+    named = ibs.InfoBatch(tmp_path / "named", num_epochs=4, run_id="job-7")
+    named.update(torch.ones(1), ["x"])
+    state = named.end_epoch() and named.state_dict()
+    restarted = ibs.InfoBatch(tmp_path / "named", num_epochs=4)  # the id comes with the state
     restarted.load_state_dict(state)
     restarted.update(torch.ones(1), ["x"])
-    assert restarted.end_epoch().run_id == "launch-1"
+    assert restarted.end_epoch().run_id == "job-7"
 
 
 def test_plain_use_without_run_ids_keeps_working(tmp_path):

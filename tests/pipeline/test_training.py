@@ -202,3 +202,22 @@ def test_sigkill_after_an_overlapped_commits_manifest_keeps_the_whole_epoch(tmp_
     assert "continues at epoch 3" in resumed.stderr
     assert store.latest_epoch == 4 and store.snapshot(2).to_arrow().equals(table)
     assert sorted(read_epochs(out)) == [(0, e) for e in range(5) if e != 2]
+
+
+def test_a_torchrun_relaunch_before_any_checkpoint_continues_the_run(tmp_path, run_trainer):
+    """torchrun --standalone gives each launch a new TORCHELASTIC_RUN_ID. A job killed before
+    it saved any checkpoint and launched again is the same run: the store takes it back (it
+    refused it when the launcher's id was the run's), and it continues at the first
+    uncommitted epoch."""
+    shards = ",".join(write_shards(tmp_path / "shards", [60, 60]))
+    args = ["--shards", shards, "--epochs", "3", "--batch", "10", "--store",
+            str(tmp_path / "store"), "--out", str(tmp_path / "out")]
+    killed = run_trainer(args + ["--kill-at", "1:2"], torchrun=2)
+    assert killed.returncode != 0
+    store = ibs.ScoreStore(tmp_path / "store")
+    assert store.latest_epoch == 0
+    relaunched = run_trainer(args, torchrun=2)
+    assert relaunched.returncode == 0, relaunched.stderr[-3000:]
+    assert store.latest_epoch == 2
+    assert [store.manifest(e).run_id for e in store.epochs] == [None, None, None]
+    assert store.run_record().incarnation > 1  # the relaunch took the run over, fencing the old

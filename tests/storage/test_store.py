@@ -227,26 +227,32 @@ def test_merged_deltas_left_by_a_commit_killed_after_its_manifest(backend: Backe
 
 
 def test_a_commit_merges_only_its_own_runs_deltas(backend: Backend, caplog) -> None:
-    """Deltas carry the id of the run that wrote them: a commit by one run leaves another
-    run's deltas out (reported), so a store never mixes two jobs' scores."""
+    """Deltas carry the id of the run that wrote them: a commit merges only its own run's.
+    Another run's deltas, and deltas with no run id (plain use), are left out, and the
+    warning says two runs are writing the store (an earlier version merged untagged deltas
+    into a named run's commit, and a plain commit merged every run's)."""
     store = backend.open()
     with store.writer(0, rank=0, run_id="job-a") as writer:
         writer.record(["a"], [1.0])
     with store.writer(0, rank=0, run_id="job-b") as writer:
         writer.record(["b"], [2.0])
-    with store.writer(0, rank=1) as writer:  # plain use: no run id, merged by anyone
+    with store.writer(0, rank=1) as writer:  # plain use: no run id
         writer.record(["c"], [3.0])
     caplog.set_level("WARNING")
     manifest = store.commit(0, run_id="job-a")
-    assert "written by another run are not merged" in caplog.text and "'job-b'" in caplog.text
-    assert len(manifest.deltas) == 2 and manifest.keys == 2
+    assert "two runs are writing this store" in caplog.text and "keys collide" not in caplog.text
+    assert "run 'job-b'" in caplog.text and "a run with no run id" in caplog.text
+    assert len(manifest.deltas) == 1 and manifest.keys == 1 and manifest.duplicates == 0
     snap = store.snapshot(0)
-    assert snap.lookup(["a", "c"]).tolist() == [1.0, 3.0] and np.isnan(snap.lookup(["b"])).all()
-    # without a run id (plain use), every delta is merged, as before
+    assert snap.lookup(["a"]).tolist() == [1.0] and np.isnan(snap.lookup(["b", "c"])).all()
+    # without a run id (plain use), only deltas without one are merged
     other = backend.sibling("plain").open()
     with other.writer(0, run_id="job-b") as writer:
         writer.record(["b"], [2.0])
-    assert other.commit(0).keys == 1
+    with other.writer(0, rank=1) as writer:
+        writer.record(["c"], [3.0])
+    plain = other.commit(0)
+    assert plain.keys == 1 and other.snapshot().lookup(["c"]).tolist() == [3.0]
 
 
 def test_mean_is_float64_over_known_scores(backend: Backend) -> None:
@@ -381,7 +387,7 @@ def test_a_committer_whose_deltas_the_winners_retention_removed(backend: Backend
     or reported the vanished delta as damage): it returns the winner's manifest, or raises
     OwnershipError when the winner is another run."""
     from infobatch_stream.storage import OwnershipError
-    from infobatch_stream.storage import commit as commit_module
+    from infobatch_stream.storage import selection as commit_module
 
     ours, theirs = runs
     store = backend.open()
@@ -393,11 +399,11 @@ def test_a_committer_whose_deltas_the_winners_retention_removed(backend: Backend
     real_open = commit_module.open_delta
     raced = []
 
-    def open_after_the_rival_committed(path, epoch):
+    def open_after_the_rival_committed(path, epoch, *args):
         if not raced:
             raced.append(None)  # the rival's own commit opens deltas through here too
             raced[0] = rival.commit(0, run_id=theirs)
-        return real_open(path, epoch)
+        return real_open(path, epoch, *args)
 
     monkeypatch.setattr(commit_module, "open_delta", open_after_the_rival_committed)
     if ours == theirs:
@@ -451,7 +457,7 @@ def test_a_snapshot_retired_while_its_file_is_being_mapped_is_not_reported_damag
     real_open = snapshot_module.open_table_file
     reads = []
 
-    def commit_more_first(path, *args):
+    def commit_more_first(path, *args, **kwargs):
         if not reads:
             reads.append(path)
             monkeypatch.setattr(snapshot_module, "open_table_file", real_open)  # for the commits
@@ -459,7 +465,7 @@ def test_a_snapshot_retired_while_its_file_is_being_mapped_is_not_reported_damag
                 with committer.writer(epoch) as writer:
                     writer.record(["a"], [float(epoch)])
                 committer.commit(epoch)
-        return real_open(path, *args)
+        return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(snapshot_module, "open_table_file", commit_more_first)
     snap = reader.snapshot()

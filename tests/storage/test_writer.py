@@ -133,22 +133,43 @@ def test_a_key_twice_within_one_flush(backend: Backend) -> None:
 
 
 def test_a_key_across_flushes_and_ranks_last_write_wins(backend: Backend) -> None:
+    """The merge order is counted, never clocked: (incarnation, sequence, rank). A rank's later
+    flush wins over its earlier one; across ranks the sequence number decides, then the rank
+    (a key two ranks update in one epoch is a collision, counted either way)."""
     store = backend.open()
     w0, w1, w2 = (store.writer(0, rank=r) for r in range(3))
-    # the write order is the flush order, not the rank order nor the record order
     w2.record(["x", "y"], [1.0, 1.0])
     w1.record(["x"], [2.0])
     w0.record(["x", "y"], [3.0, 3.0])
-    w0.flush()
-    w1.flush()
+    w0.flush()          # s0 of rank 0
+    w1.flush()          # s0 of rank 1
     w0.record(["y"], [4.0])
-    w0.flush()
-    w2.flush()
+    w0.flush()          # s1 of rank 0: after every s0
+    w2.flush()          # s0 of rank 2: after rank 0's and 1's s0, before any s1
     manifest = store.commit(0)
     # x written 3 times, y 3 times: 4 updates hit a key already updated this epoch
     assert manifest.duplicates == 4
     assert manifest.updated == 2 and manifest.keys == 2
-    assert store.snapshot().lookup(["x", "y"]).tolist() == [1.0, 1.0]
+    assert store.snapshot().lookup(["x", "y"]).tolist() == [1.0, 4.0]
+
+
+def test_a_later_writer_of_a_rank_wins_whatever_the_clock_says(backend: Backend, monkeypatch) -> None:
+    """Two writer objects of one rank, one after the other (a restart without a lease): the
+    second continues the first's sequence, so its scores win even when the clock stepped back
+    by minutes between them (delta names held the flush time before)."""
+    import time
+
+    store = backend.open()
+    real_ns = time.time_ns
+    with store.writer(0, rank=0) as first:
+        first.record(["x"], [1.0])
+    monkeypatch.setattr(time, "time_ns", lambda: real_ns() - 10 * 60 * 10**9)  # 10 min back
+    with store.writer(0, rank=0) as second:
+        second.record(["x"], [2.0])
+    assert [n.rsplit("/", 1)[1][:24] for n in store.pending_deltas(0)] == \
+        ["i00000000-r00000-s000000", "i00000000-r00000-s000001"]
+    assert store.commit(0).duplicates == 1
+    assert store.snapshot().lookup(["x"]).tolist() == [2.0]
 
 
 def test_flush_rows_bounds_the_buffer_and_the_context_manager_flushes(local_backend: Backend) -> None:

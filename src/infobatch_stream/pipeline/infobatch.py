@@ -16,7 +16,6 @@ GPU (``recorder``); the boundary and its metrics live in ``boundary``.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -32,10 +31,12 @@ from ..stages.policy import InfoBatchPolicy, PruningPolicy, RandomPolicy
 from ..stages.prune import DEFAULT_WINDOW, epoch_to_train, lookup_scores, soft_prune
 from ..storage import Manifest, ScoreSnapshot, ScoreStore, hash_keys
 from ..storage.checks import check_int
+from ..storage.runs import RunLease
 from . import distributed
 from .boundary import EpochBoundary, EpochClose
 from .planning import StepPlan
 from .recorder import ScoreRecorder, weighted_mean
+from .runs import begin_run, run_settings
 from .steps import StepBudget, equal_steps
 
 log = logging.getLogger(__name__)
@@ -61,12 +62,6 @@ def _per_sample(values: Any, count: int, name: str) -> torch.Tensor:
     return tensor
 
 
-def launcher_run_id() -> str | None:
-    """The run id the launcher gives this job: torchrun's ``TORCHELASTIC_RUN_ID``, if set."""
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-    return None if run_id in (None, "", "none") else run_id
-
-
 class InfoBatch:
     """InfoBatch's unbiased dynamic data pruning for a webdataset pipeline and its training loop.
 
@@ -80,10 +75,13 @@ class InfoBatch:
         storage_options: fsspec options for the store URL (e.g. an S3 endpoint).
         policy: ``"infobatch"`` (default), ``"random"`` (same budget, a baseline) or an object
             with ``rule(epoch, snapshot)``.
-        run_id: the identity of this training run, recorded with each commit; a store whose
-            last commit was made by another run is refused. Defaults to torchrun's run id;
-            ``load_state_dict`` restores the checkpoint's, so a restart is the same run.
-        takeover: continue a store committed by another run, on purpose.
+        run_id: the identity of this training run, recorded with the store's run records and
+            each commit; a store owned by another run is refused (no run id is an identity
+            of its own: a run without one resumes a store a run without one owns).
+            ``load_state_dict`` restores the checkpoint's. Not torchrun's run id, which
+            changes at every launch: a relaunch is the same run.
+        takeover: continue a store owned by another run, or written with other settings, on
+            purpose.
         flush_rows: scores buffered per rank before a delta is written mid-epoch, on a
             background thread, so that little is left to write when the epoch ends (a crash
             keeps what was flushed; the re-run epoch's later writes win).
@@ -115,7 +113,7 @@ class InfoBatch:
         self.key = resolve_key(key)
         self.window = check_int(window, "window", 1, numpy=False)
         self._run_id_given = run_id is not None
-        self.run_id = run_id if run_id is not None else launcher_run_id()
+        self.run_id = run_id
         self.takeover = bool(takeover)
         self.flush_rows = check_int(flush_rows, "flush_rows", 1)
         self._epoch: int | None = None        # the epoch in progress, None between epochs
@@ -127,6 +125,7 @@ class InfoBatch:
         self._warned_sync = False
         self._just_ended = False               # end_epoch() ran and no epoch has begun since
         self._in_bound = False                 # inside bound()'s loop: a checkpoint is mid-epoch
+        self._lease: RunLease | None = None    # this process's incarnation of the run
 
     def __repr__(self) -> str:
         return f"InfoBatch({self.store.url!r}, num_epochs={self.num_epochs}, policy={self.policy})"
@@ -166,13 +165,12 @@ class InfoBatch:
                     f"all {self.num_epochs} epochs of this run are committed in {self.store.url}: "
                     f"there is no epoch left to update(), bound() or end_epoch(). To train "
                     f"longer, construct InfoBatch with a larger num_epochs and takeover=True")
-            # Fail before an epoch of training, not at its commit, if another run owns the store.
-            self.store.check_owner(self.run_id, self.takeover)
+            self._begin_run()
             self._epoch = epoch
             self._just_ended = False
             self._recorder = ScoreRecorder(self.store.writer(
                 self._epoch, rank=distributed.rank(), flush_rows=self.flush_rows,
-                run_id=self.run_id, background=True))
+                lease=self._lease, background=True))
             self._budget.at_epoch_start = self._budget.done
         return self._epoch
 
@@ -184,6 +182,7 @@ class InfoBatch:
         begins). Leaving the loop early (``break``, an exception) commits nothing.
         """
         self._settle()
+        self._begin_run()
         self._finish_last_commit()
         while True:
             if self._epoch is None and self.epoch >= self.num_epochs:
@@ -193,6 +192,15 @@ class InfoBatch:
             yield epoch
             if self._epoch == epoch:
                 self.end_epoch()
+
+    def _begin_run(self) -> None:
+        """Collective, once: take this process's incarnation of the run (before an epoch of
+        training, not at its commit, a store owned by another run or written with other
+        settings is refused)."""
+        if self._lease is None:
+            self._lease = begin_run(self.store, self.run_id,
+                                    run_settings(self.num_epochs, self.policy, self.key),
+                                    self.takeover)
 
     def _finish_last_commit(self) -> None:
         """Once per run, rank 0 finishes the clean-up of the store's latest commit.
@@ -210,7 +218,7 @@ class InfoBatch:
             return
         latest = self.store.latest_epoch
         if latest is not None:
-            self.store.commit(latest, run_id=self.run_id, takeover=self.takeover)
+            self.store.commit(latest, lease=self._lease, takeover=self.takeover)
 
     def end_epoch(self, wait: bool = True) -> Manifest | None:
         """Collective: flush every rank's scores and commit the epoch; returns its manifest.
@@ -241,7 +249,7 @@ class InfoBatch:
         epoch = self._begin_epoch()
         job = EpochClose(
             epoch, self._recorder,
-            commit=lambda: self.store.commit(epoch, run_id=self.run_id, takeover=self.takeover),
+            commit=lambda: self.store.commit(epoch, lease=self._lease, takeover=self.takeover),
             pruned=self._pruned_counter(epoch),
             optimizer_steps=self._budget.done - self._budget.at_epoch_start,
             annealing=self.policy.anneals(epoch), group=distributed.control_group())
@@ -507,5 +515,7 @@ class InfoBatch:
         # or re-runs: the LR schedule saved beside this state took them.
         self._budget.done = self._budget.at_epoch_start = (
             self._budget.done + int(state.get("steps_in_epoch", 0)))
-        if not self._run_id_given:  # the checkpoint's run id, not this launch's new one
+        if not self._run_id_given:  # the checkpoint's run id: a restart is the same run
             self.run_id = state.get("run_id")
+        if self._lease is not None and self._lease.run_id != self.run_id:
+            self._lease = None  # begun under another identity: begin again as the checkpoint's

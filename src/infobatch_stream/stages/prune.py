@@ -43,14 +43,18 @@ DEFAULT_WINDOW = 256
 _FAST_SAMPLE_KEY = itemgetter("__key__")
 
 
-def epoch_to_train(store: ScoreStore):
-    """(epoch the next iteration trains, snapshot it prunes from): latest committed + 1."""
-    latest = store.latest_epoch
-    if latest is None:
-        # Not ``store.snapshot(None)``: it lists the store again, and an epoch committed in
-        # between would have epoch 0 pruned from snapshot 0.
-        return 0, ScoreSnapshot.empty()
-    return latest + 1, store.snapshot(latest)
+def epoch_to_train(store: ScoreStore) -> tuple[int, ScoreSnapshot]:
+    """(epoch the next iteration trains, snapshot it prunes from): latest committed + 1.
+
+    The epoch is taken from the snapshot opened, never from a listing made before it: an
+    epoch retired while it is being opened makes the store open the newer one, and an
+    empty store gives epoch 0 with the empty snapshot (never epoch 0 from snapshot 0).
+
+    >>> epoch_to_train(store)      # doctest: +SKIP
+    (5, ScoreSnapshot(epoch=4, keys=1281167, mean=2.31))
+    """
+    snapshot = store.snapshot()
+    return (0 if snapshot.epoch is None else snapshot.epoch + 1), snapshot
 
 
 def _one_by_one(samples: list, key: KeyFunction, handler) -> tuple[list, np.ndarray, bool]:

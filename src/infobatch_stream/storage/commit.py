@@ -5,6 +5,10 @@ merges the snapshot of ``e-1`` with every delta of ``e`` present at that moment 
 snapshot file, uploads it under a fresh name, then writes ``manifests/epoch-<e>.json`` last,
 with an exclusive create. A reader sees either epoch ``e-1`` or ``e``, never a mix; a crash
 anywhere loses at most the unflushed updates of the uncommitted epoch. Retention runs after.
+
+A commit merges one run's deltas only (``selection``). With a ``RunLease`` it is fenced: a
+superseded incarnation is refused (``FencedError``) before the merge and again right before
+the manifest is published.
 """
 
 from __future__ import annotations
@@ -15,69 +19,90 @@ import tempfile
 import time
 import uuid
 
-from . import fsio, layout, retention
-from .checks import first_names
-from .errors import CorruptStoreError, OwnershipError, StoreError
-from .files import now
+from . import fsio, layout, retention, runs, selection
+from .errors import CorruptStoreError, StorageFullError, StoreError
+from .files import cache_full_advice, is_disk_full, now
 from .layout import Manifest
-from .merge import merge_snapshot, open_delta
+from .merge import merge_snapshot
 from .reader import StoreReader
+from .runs import RunLease
 from .snapshot import ScoreSnapshot
-from .tables import TableFile
 
 log = logging.getLogger(__name__)
 
 
-def check_owner(url: str, manifest: Manifest | None, run_id: str | None, takeover: bool) -> None:
-    """Refuse a run that is not the one which committed the store's latest epoch.
-
-    A store that was never committed with a run id (plain use) belongs to nobody.
-    """
-    if manifest is None or manifest.run_id is None or manifest.run_id == run_id or takeover:
-        return
-    raise OwnershipError(
-        f"{url} belongs to run {manifest.run_id!r} (it committed epoch {manifest.epoch} at "
-        f"{manifest.created_at}); this run is {run_id!r}. Two jobs must not share a store: use "
-        f"another store URL, or continue that run with run_id={manifest.run_id!r} (it travels in "
-        f"InfoBatch.state_dict()), or take the store over deliberately with takeover=True"
-    )
+def check_owner(store: StoreReader, run_id: str | None, takeover: bool) -> None:
+    """Refuse a run that does not own the store (see ``runs.owner_of``) unless ``takeover``."""
+    if not takeover:
+        runs.refuse_other_run(store.url, runs.owner_of(store), run_id)
 
 
-def commit_epoch(store: StoreReader, epoch: int, run_id: str | None, takeover: bool) -> Manifest:
+def _check_committer(store: StoreReader, lease: RunLease | None, run_id: str | None,
+                     takeover: bool, epoch: int) -> None:
+    if lease is not None:
+        runs.check_fence(store.files, lease, f"commit epoch {epoch}")
+    else:
+        check_owner(store, run_id, takeover)
+
+
+def _committer_run(lease: RunLease | None, run_id: str | None) -> str | None:
+    if lease is None:
+        return run_id
+    if not isinstance(lease, RunLease):
+        raise TypeError(f"lease must be a RunLease from ScoreStore.begin_run, got {lease!r}")
+    if run_id is not None and run_id != lease.run_id:
+        raise ValueError(f"run_id={run_id!r} is not the lease's run ({lease.run_id!r}); pass one")
+    return lease.run_id
+
+
+def commit_epoch(store: StoreReader, epoch: int, *, lease: RunLease | None = None,
+                 run_id: str | None = None, takeover: bool = False,
+                 duplicates_expected: bool = False) -> Manifest:
     """``ScoreStore.commit``: see there for the semantics."""
     started = time.time()
     layout.check_epoch(epoch)
+    run_id = _committer_run(lease, run_id)
     store.files.ensure_marker(creating=True)
+    store.files.check_layout()  # before anything is written: retention walks every folder
     latest = store.latest_epoch
+    _check_committer(store, lease, run_id, takeover, epoch)
     if latest is not None and epoch <= latest:
-        return _recommit(store, epoch, latest, run_id, takeover, started)
+        # A lease's begin_run settled ownership: it may finish a clean-up of the previous owner.
+        return _recommit(store, epoch, latest, run_id, takeover or lease is not None, started)
     expected = 0 if latest is None else latest + 1
     if epoch != expected:
         raise StoreError(
             f"{store.url}: cannot commit epoch {epoch}; the latest committed epoch is {latest}, "
             f"so the next commit must be epoch {expected} (epochs commit in order)"
         )
-    check_owner(store.url, store.manifest(latest) if latest is not None else None, run_id, takeover)
     previous = store.snapshot(latest) if latest is not None else ScoreSnapshot.empty()
     relpath = layout.snapshot_name(epoch, uuid.uuid4().hex)
     try:
-        manifest = _write_snapshot(store, epoch, previous, relpath, latest, run_id)
+        manifest, chosen = _write_snapshot(store, epoch, previous, relpath, latest, lease, run_id)
     except FileNotFoundError:
         # A delta listed a moment ago is gone: another process committed this epoch
         # meanwhile and its retention removed it. Its manifest stands.
         if epoch not in store.epochs:
             raise
         existing = store.manifest(epoch)
-        check_owner(store.url, existing, run_id, takeover)
+        _refuse_other_manifest(store, existing, run_id, takeover)
         return existing
+    if lease is not None:  # the last moment before the epoch becomes visible
+        runs.check_fence(store.files, lease, f"commit epoch {epoch}")
     manifest = _publish(store, manifest, relpath, run_id, takeover)
-    if manifest.duplicates:
-        log.warning(
-            "epoch %d: %d updates hit a key already updated in this epoch: keys collide "
-            "(use a shard-qualified key) or a crashed attempt's deltas were merged",
-            epoch, manifest.duplicates)
+    if manifest.snapshot == relpath:  # ours, not a rival's that was published first
+        selection.report(store, epoch, chosen, lease, run_id)
+        selection.warn_duplicates(epoch, manifest.duplicates, chosen, duplicates_expected,
+                                  lease is not None)
     retention.retain(store, manifest, started)
     return manifest
+
+
+def _refuse_other_manifest(store: StoreReader, manifest: Manifest, run_id: str | None,
+                           takeover: bool) -> None:
+    """OwnershipError when another run committed ``manifest`` (unless ``takeover``)."""
+    if not takeover:
+        runs.refuse_other_run(store.url, runs.manifest_owner(manifest), run_id)
 
 
 def _recommit(store: StoreReader, epoch: int, latest: int, run_id: str | None, takeover: bool,
@@ -85,43 +110,61 @@ def _recommit(store: StoreReader, epoch: int, latest: int, run_id: str | None, t
     """An epoch already committed: write nothing; for the latest, finish an interrupted
     clean-up (a committing process that died in retention)."""
     manifest = store.manifest(latest)
-    check_owner(store.url, manifest, run_id, takeover)
     if epoch < latest:
         return store.manifest(epoch) if epoch in store.epochs else manifest
+    _refuse_other_manifest(store, manifest, run_id, takeover)
     retention.retain(store, manifest, started)
     return manifest
 
 
 def _write_snapshot(store: StoreReader, epoch: int, previous: ScoreSnapshot, relpath: str,
-                    latest: int | None, run_id: str | None) -> Manifest:
+                    latest: int | None, lease: RunLease | None,
+                    run_id: str | None) -> tuple[Manifest, selection.Selection]:
     """Merge and upload the snapshot of ``epoch`` to ``relpath``; return the manifest to commit."""
     delta_names = store.pending_deltas(epoch)
     # Work next to where the snapshot ends up, so that moving it there is a rename.
     work_parent = store.local_root or store.cache_directory()
-    os.makedirs(work_parent, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=fsio.COMMIT_DIR_PREFIX, dir=work_parent,
-                                     ignore_cleanup_errors=True) as work:
-        live = fsio.hold_work_directory(work)  # retention elsewhere leaves a live commit alone
-        try:
-            return _merge(store, epoch, previous, delta_names, work, relpath, latest, run_id)
-        finally:
-            os.close(live)
+    try:
+        os.makedirs(work_parent, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=fsio.COMMIT_DIR_PREFIX, dir=work_parent,
+                                         ignore_cleanup_errors=True) as work:
+            live = fsio.hold_work_directory(work)  # retention elsewhere leaves a live commit alone
+            try:
+                chosen = selection.select_deltas(store, epoch, delta_names, work, latest, lease,
+                                                 run_id)
+                return _merge(store, epoch, previous, chosen, work, relpath, lease, run_id), chosen
+            finally:
+                os.close(live)
+    except OSError as exc:
+        if isinstance(exc, StorageFullError) or not is_disk_full(exc):
+            raise
+        advice = ("The disk that holds the store is full (a commit writes the new snapshot "
+                  "next to the old ones): free space there" if store.local_root is not None
+                  else cache_full_advice(work_parent) + " (a commit of a remote store works there)")
+        raise StorageFullError(store.url, getattr(exc, "filename", None) or work_parent, advice,
+                               exc) from exc
 
 
-def _merge(store: StoreReader, epoch: int, previous: ScoreSnapshot, delta_names: list[str],
-           work: str, relpath: str, latest: int | None, run_id: str | None) -> Manifest:
-    deltas, merged = _own_deltas(store, epoch, delta_names, work, latest, run_id)
+def _merge(store: StoreReader, epoch: int, previous: ScoreSnapshot, chosen: selection.Selection,
+           work: str, relpath: str, lease: RunLease | None, run_id: str | None) -> Manifest:
     local_out = os.path.join(work, "snapshot.arrow")
-    result = merge_snapshot(previous, deltas, epoch, local_out)
-    del deltas
+    result = merge_snapshot(previous, chosen.deltas, epoch, local_out)
+    chosen.deltas = []  # unmapped: the inputs are no longer needed
     manifest = Manifest(
         epoch=epoch, snapshot=relpath, snapshot_bytes=os.path.getsize(local_out),
         snapshot_xxh3=result.digest, keys=result.rows,
         mean=result.score_sum / result.rows if result.rows else None,
         score_sum=result.score_sum, updated=result.updated, new_keys=result.new_keys,
         duplicates=result.duplicates, rejected_nonfinite=result.rejected_nonfinite,
-        deltas=tuple(merged), run_id=run_id, created_at=now(),
+        deltas=tuple(chosen.merged), run_id=run_id, created_at=now(),
+        incarnation=None if lease is None else lease.incarnation,
     )
+    try:  # never publish what the store's own reader would refuse
+        Manifest.from_json(manifest.to_json())
+    except ValueError as exc:
+        raise CorruptStoreError(store.files.path(layout.manifest_name(epoch)),
+                                f"the commit would write a manifest whose {exc}; not written",
+                                epoch - 1 if epoch else None) from None
     try:
         store.files.upload(local_out, relpath)
     except FileExistsError:
@@ -132,36 +175,6 @@ def _merge(store: StoreReader, epoch: int, previous: ScoreSnapshot, delta_names:
     if store.local_root is None:  # the committing machine need not download it again
         os.replace(local_out, os.path.join(os.path.dirname(work), relpath.rsplit("/", 1)[-1]))
     return manifest
-
-
-def _own_deltas(store: StoreReader, epoch: int, names: list[str], work: str,
-                latest: int | None, run_id: str | None) -> tuple[list[TableFile], list[str]]:
-    """The deltas this run's commit merges (its own and untagged ones), opened and checked."""
-    deltas, merged, foreign = [], [], []
-    for name in names:
-        delta = _open_delta(store, name, epoch, work, latest)
-        writer_run = delta.meta.get("run_id")
-        if run_id is not None and writer_run is not None and writer_run != run_id:
-            foreign.append(f"{name} (run {writer_run!r})")
-            continue
-        deltas.append(delta)
-        merged.append(name)
-    if foreign:
-        log.warning("%s: epoch %d: %d delta file(s) written by another run are not merged "
-                    "into run %r's commit: %s", store.url, epoch, len(foreign), run_id,
-                    first_names(foreign))
-    return deltas, merged
-
-
-def _open_delta(store: StoreReader, name: str, epoch: int, work: str, latest: int | None) -> TableFile:
-    local = None
-    try:
-        local = store.files.local_copy(name, work)
-        return open_delta(local, epoch)
-    except ValueError as exc:
-        if local is not None and not os.path.lexists(local):  # removed while being opened
-            raise FileNotFoundError(store.files.path(name)) from None
-        raise CorruptStoreError(store.files.path(name), f"delta {exc}", latest) from None
 
 
 def _publish(store: StoreReader, manifest: Manifest, relpath: str, run_id: str | None,
@@ -175,7 +188,7 @@ def _publish(store: StoreReader, manifest: Manifest, relpath: str, run_id: str |
         if existing.snapshot != relpath:
             # Another process committed this epoch first: its manifest stands, ours is an orphan.
             store.files.remove(relpath)
-            check_owner(store.url, existing, run_id, takeover)
+            _refuse_other_manifest(store, existing, run_id, takeover)
             return existing
         return existing  # ours: a retried create whose first reply was lost
     return manifest

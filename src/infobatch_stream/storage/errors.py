@@ -55,3 +55,54 @@ class StoreUnavailableError(StoreError):
             f"visible, so re-run this step once it answers (ScoreStore(..., retries=...) sets "
             f"the retry budget)"
         )
+
+
+class SettingsMismatchError(OwnershipError):
+    """The store was written with other run settings (prune ratio, seed, ...) than this run's.
+
+    ``differences`` maps each differing setting to (the store's value, this run's value).
+    """
+
+    def __init__(self, message: str, differences: dict[str, tuple[object, object]]):
+        self.differences = differences
+        super().__init__(message)
+
+
+class FencedError(OwnershipError):
+    """This process's incarnation of its run was superseded by a newer one (a restart or a
+    takeover): it must stop, and its writes and commits are refused so the two never co-train.
+
+    ``incarnation`` is this process's, ``superseded_by`` the newest in the store.
+    """
+
+    def __init__(self, message: str, incarnation: int, superseded_by: int):
+        self.incarnation = incarnation
+        self.superseded_by = superseded_by
+        super().__init__(message)
+
+
+class StorageFullError(StoreError):
+    """A write failed because its disk or quota is full (ENOSPC, EDQUOT); not retried.
+
+    ``url`` is the store, ``path`` the file being written. Nothing half-written is visible and
+    a writer keeps its rows buffered: free space (or move the cache) and re-run the step.
+    """
+
+    def __init__(self, url: str, path: str, advice: str, cause: BaseException):
+        self.url = url
+        self.path = path
+        reason = " ".join(f"{type(cause).__name__}: {cause}".split())
+        super().__init__(f"{url}: no space left writing {path} ({reason}). {advice}; then re-run "
+                         f"this step: nothing half-written is visible and recorded scores stay "
+                         f"buffered until a write succeeds")
+
+
+class LinkedFolderError(StoreError):
+    """A folder inside a local store (``manifests/``, ``deltas/epoch-6/``, ...) is a symbolic link.
+
+    The store writes and deletes only inside its root, and never through a linked folder.
+    """
+
+
+class RetiredEpochError(StoreError):
+    """The epoch asked for was retired by retention (``keep_snapshots``) before it was opened."""

@@ -104,10 +104,14 @@ def write_bytes(fs: AbstractFileSystem, path: str, data: bytes, *, exclusive: bo
     if local is not None:
         os.makedirs(os.path.dirname(local), exist_ok=True)
         tmp = local_tmp_name(local)
-        with open(tmp, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            with open(tmp, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            remove_local(tmp)  # a full disk must not be left fuller by a partial temporary
+            raise
         _local_install(tmp, local, exclusive)
         return
     if exclusive:
@@ -140,7 +144,11 @@ def put_file(fs: AbstractFileSystem, source: str, path: str, *, exclusive: bool 
         except OSError:
             import shutil
 
-            shutil.copyfile(source, tmp)
+            try:
+                shutil.copyfile(source, tmp)
+            except BaseException:
+                remove_local(tmp)
+                raise
         _local_install(tmp, local, exclusive)
         return
     kwargs = {"callback": callback} if callback is not None else {}
@@ -151,7 +159,12 @@ def put_file(fs: AbstractFileSystem, source: str, path: str, *, exclusive: bool 
 
 
 def remove(fs: AbstractFileSystem, path: str) -> None:
-    """Delete one file; a file that is already gone is not an error."""
+    """Delete one file; a file that is already gone is not an error. On a local disk a link
+    is removed itself (never its target) and a directory is left alone."""
+    local = local_path(fs, path)
+    if local is not None:
+        remove_local_entry(local)
+        return
     try:
         fs.rm_file(path)
     except FileNotFoundError:
@@ -198,6 +211,15 @@ def _remove_tree(path: str) -> None:
     try:
         os.rmdir(path)
     except FileNotFoundError:
+        pass
+
+
+def remove_local_entry(path: str) -> None:
+    """Unlink one directory entry (a file, or a link itself, never its target); a directory
+    or a missing entry is left alone."""
+    try:
+        os.unlink(path)
+    except (FileNotFoundError, IsADirectoryError):
         pass
 
 

@@ -5,11 +5,16 @@ A store is a directory (or a prefix of a bucket)::
     <root>/infobatch-store.json                      marker: format and key hash, written once
     <root>/manifests/epoch-00000005.json             one per committed epoch, written last
     <root>/snapshots/epoch-00000005-<32 hex>.arrow   all known scores after epoch 5
-    <root>/deltas/epoch-00000006/<ns>-r<rank>-s<seq>-<12 hex>.arrow   flushed, not yet merged
+    <root>/deltas/epoch-00000006/i<incarnation>-r<rank>-s<seq>-<12 hex>.arrow   flushed, not yet merged
+    <root>/runs/incarnation-00000007.json            one per start of a run (``runs``), written once
 
-Every file is written once and never rewritten. A delta's name sorts in write order (its
-first field is the flush time in nanoseconds). Names read back from a manifest must match
-these patterns exactly, so a manifest can never point outside the store's root.
+Every file is written once and never rewritten. A delta's name holds its incarnation, rank
+and sequence number, counters the store hands out: they order a commit's merge
+(``DeltaName.merge_order``), never a clock. Older stores named deltas
+``<20-digit ns>-r<rank>-s<seq>-<12 hex>.arrow``; those names still parse (as incarnation 0,
+merged first). Names read back from a manifest must
+match these patterns exactly (ASCII digits, the whole name), so a manifest can never point
+outside the store's root.
 """
 
 from __future__ import annotations
@@ -27,12 +32,22 @@ MARKER = "infobatch-store.json"
 MANIFESTS = "manifests"
 SNAPSHOTS = "snapshots"
 DELTAS = "deltas"
+RUNS = "runs"
+FOLDERS = (MANIFESTS, SNAPSHOTS, DELTAS, RUNS)
 MAX_EPOCH = 99_999_999  # eight digits in every name; far beyond any training run
+MAX_INCARNATION = 99_999_999
+MAX_SEQ = 999_999
 
-_MANIFEST_RE = re.compile(r"^epoch-(\d{8})\.json$")
-_SNAPSHOT_RE = re.compile(r"^snapshots/epoch-(\d{8})-[0-9a-f]{32}\.arrow$")
-_DELTA_DIR_RE = re.compile(r"^epoch-(\d{8})$")
-_DELTA_RE = re.compile(r"^deltas/epoch-(\d{8})/\d{20}-r\d{5}-s\d{6}-[0-9a-f]{12}\.arrow$")
+# ``fullmatch`` and ASCII digits only: ``$`` would let a trailing newline through, and ``\d``
+# Arabic-Indic digits, which ``int()`` then reads as an epoch.
+_MANIFEST_RE = re.compile(r"epoch-([0-9]{8})\.json", re.ASCII)
+_LOOSE_MANIFEST_RE = re.compile(r"\s*epoch-\d+\.json\s*")  # what a careless eye takes for one
+_SNAPSHOT_RE = re.compile(r"snapshots/epoch-([0-9]{8})-[0-9a-f]{32}\.arrow", re.ASCII)
+_DELTA_DIR_RE = re.compile(r"epoch-([0-9]{8})", re.ASCII)
+_DELTA_RE = re.compile(
+    r"deltas/epoch-([0-9]{8})/(?:([0-9]{20})|i([0-9]{8}))-r([0-9]{5})-s([0-9]{6})-[0-9a-f]{12}\.arrow",
+    re.ASCII)
+_INCARNATION_RE = re.compile(r"incarnation-([0-9]{8})\.json", re.ASCII)
 
 
 def manifest_name(epoch: int) -> str:
@@ -41,8 +56,14 @@ def manifest_name(epoch: int) -> str:
 
 def manifest_epoch(basename: str) -> int | None:
     """The epoch of a file in ``manifests/``, or None for a name that is not a manifest."""
-    match = _MANIFEST_RE.match(basename)
+    match = _MANIFEST_RE.fullmatch(basename)
     return int(match.group(1)) if match else None
+
+
+def looks_like_a_manifest(basename: str) -> bool:
+    """A name that is not a manifest's but reads like one (Arabic-Indic digits, a trailing
+    newline): a file no store writes, which must not be mistaken for, or hide behind, an epoch."""
+    return manifest_epoch(basename) is None and bool(_LOOSE_MANIFEST_RE.fullmatch(basename))
 
 
 def snapshot_name(epoch: int, unique: str) -> str:
@@ -50,7 +71,7 @@ def snapshot_name(epoch: int, unique: str) -> str:
 
 
 def snapshot_epoch(relpath: str) -> int | None:
-    match = _SNAPSHOT_RE.match(relpath)
+    match = _SNAPSHOT_RE.fullmatch(relpath)
     return int(match.group(1)) if match else None
 
 
@@ -60,17 +81,76 @@ def delta_dir(epoch: int) -> str:
 
 def delta_dir_epoch(basename: str) -> int | None:
     """The epoch of a directory in ``deltas/`` (``epoch-00000006``), or None for another name."""
-    match = _DELTA_DIR_RE.match(basename)
+    match = _DELTA_DIR_RE.fullmatch(basename)
     return int(match.group(1)) if match else None
 
 
-def delta_name(epoch: int, time_ns: int, rank: int, seq: int, unique: str) -> str:
-    return f"{delta_dir(epoch)}/{time_ns:020d}-r{rank:05d}-s{seq:06d}-{unique}.arrow"
+def delta_name(epoch: int, incarnation: int, rank: int, seq: int, unique: str) -> str:
+    """``deltas/epoch-<e>/i<incarnation>-r<rank>-s<seq>-<unique>.arrow``: names sort in merge order.
+
+    >>> delta_name(6, 7, 3, 12, "0123456789ab")
+    'deltas/epoch-00000006/i00000007-r00003-s000012-0123456789ab.arrow'
+    """
+    if not 0 <= seq <= MAX_SEQ:
+        raise ValueError(f"a writer of epoch {epoch}, rank {rank} wrote more than {MAX_SEQ} "
+                         f"deltas; raise flush_rows")
+    return f"{delta_dir(epoch)}/i{incarnation:08d}-r{rank:05d}-s{seq:06d}-{unique}.arrow"
+
+
+@dataclass(frozen=True)
+class DeltaName:
+    """What a delta's name says. Older stores' names (flush time first, ``time_ns``) read as
+    incarnation 0."""
+
+    incarnation: int
+    rank: int
+    seq: int
+    epoch: int
+    time_ns: int | None = None
+
+    @property
+    def merge_order(self) -> tuple[int, ...]:
+        """A commit merges in this order, later wins: (incarnation, sequence, rank), counters
+        only. Ranks flush at about the same pace, so sequence before rank stays close to the
+        order of writing; an older store's deltas (incarnation 0) keep their time order,
+        before any newer name's."""
+        if self.time_ns is not None:
+            return (self.incarnation, 0, self.time_ns, self.seq, self.rank)
+        return (self.incarnation, 1, self.seq, self.rank)
+
+
+def parse_delta_name(relpath: str) -> DeltaName | None:
+    """The fields of a delta's path relative to the root, or None for any other name.
+
+    >>> parse_delta_name("deltas/epoch-00000006/i00000007-r00003-s000012-0123456789ab.arrow")
+    DeltaName(incarnation=7, rank=3, seq=12, epoch=6, time_ns=None)
+    """
+    match = _DELTA_RE.fullmatch(relpath)
+    if not match:
+        return None
+    epoch, time_ns, incarnation, rank, seq = match.groups()
+    return DeltaName(int(incarnation or 0), int(rank), int(seq), int(epoch),
+                     None if time_ns is None else int(time_ns))
+
+
+def in_merge_order(relpaths: list[str]) -> list[str]:
+    """Delta paths sorted as a commit merges them (``DeltaName.merge_order``; the name last)."""
+    return sorted(relpaths, key=lambda p: (parse_delta_name(p).merge_order, p))
 
 
 def is_delta_name(relpath: str, epoch: int) -> bool:
-    match = _DELTA_RE.match(relpath)
-    return bool(match) and int(match.group(1)) == epoch
+    name = parse_delta_name(relpath)
+    return name is not None and name.epoch == epoch
+
+
+def incarnation_name(incarnation: int) -> str:
+    return f"{RUNS}/incarnation-{incarnation:08d}.json"
+
+
+def incarnation_of(basename: str) -> int | None:
+    """The number of a run record in ``runs/`` (``incarnation-00000007.json``), else None."""
+    match = _INCARNATION_RE.fullmatch(basename)
+    return int(match.group(1)) if match else None
 
 
 def check_epoch(epoch: Any, what: str = "epoch") -> int:
@@ -90,7 +170,9 @@ class Manifest:
     ``mean`` is the mean of every known score (None for an empty snapshot); ``updated`` the
     keys written in this epoch; ``duplicates`` the updates that hit a key already updated in
     this epoch (keys collide, or a crashed attempt's deltas were merged too);
-    ``rejected_nonfinite`` the NaN/inf scores that were dropped at record time.
+    ``rejected_nonfinite`` the NaN/inf scores that were dropped at record time;
+    ``incarnation`` the run incarnation that committed (None for a commit made without a
+    ``RunLease``, and in stores written before incarnations existed).
     """
 
     epoch: int
@@ -108,6 +190,7 @@ class Manifest:
     run_id: str | None = None
     created_at: str = ""
     format: str = field(default=FORMAT)
+    incarnation: int | None = None
 
     def to_json(self) -> bytes:
         data = asdict(self)
@@ -154,6 +237,11 @@ class Manifest:
         run_id = data.get("run_id")
         if run_id is not None and not isinstance(run_id, str):
             raise ValueError("field 'run_id' must be a string or null")
+        incarnation = data.get("incarnation")
+        if incarnation is not None and (isinstance(incarnation, bool) or not isinstance(
+                incarnation, int) or not 0 <= incarnation <= MAX_INCARNATION):
+            raise ValueError(f"field 'incarnation' must be a non-negative integer or null, got "
+                             f"{incarnation!r}")
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known} | {"deltas": tuple(deltas),
                    "mean": None if mean is None else float(mean),
@@ -185,6 +273,8 @@ def strict_json(raw: bytes) -> Any:
                           object_pairs_hook=_refuse_duplicates)
     except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors too
         raise ValueError(f"not valid JSON ({exc})") from None
+    except RecursionError:  # ``[[[[...]]]]`` deeper than the parser's stack
+        raise ValueError("not valid JSON (nested too deeply)") from None
 
 
 def marker_json(created_at: str) -> bytes:

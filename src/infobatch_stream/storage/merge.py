@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from .layout import DeltaName
 from .snapshot import ScoreSnapshot
 from .tables import DELTA_SCHEMA, SNAPSHOT_SCHEMA, TableFile, open_table_file, write_table_file
 from .writer import last_write_wins
@@ -38,11 +39,26 @@ class MergeResult:
     digest: str
 
 
-def open_delta(path: str, epoch: int) -> TableFile:
-    """Map and check one delta file of ``epoch``; ValueError says what is wrong with it."""
+def open_delta(path: str, epoch: int, name: DeltaName | None = None) -> TableFile:
+    """Map and check one delta file of ``epoch``; ValueError says what is wrong with it.
+
+    Beyond its checksum: key hashes sorted and unique, scores finite, counters non-negative
+    integers, and the incarnation its name gives (``name``) the one it holds.
+    """
     delta = open_table_file(path, DELTA_SCHEMA, "delta")
-    if delta.meta.get("epoch") != epoch:
-        raise ValueError(f"holds updates of epoch {delta.meta.get('epoch')}, expected {epoch}")
+    meta = delta.meta
+    if meta.get("epoch") != epoch:
+        raise ValueError(f"holds updates of epoch {meta.get('epoch')}, expected {epoch}")
+    for counter in ("duplicates", "rejected_nonfinite", "incarnation", "seq", "rank"):
+        value = meta.get(counter, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"metadata {counter!r} must be a non-negative integer, got {value!r}")
+    run_id = meta.get("run_id")
+    if run_id is not None and not isinstance(run_id, str):
+        raise ValueError(f"metadata 'run_id' must be a string, got {run_id!r}")
+    if name is not None and meta.get("incarnation", 0) != name.incarnation:
+        raise ValueError(f"holds incarnation {meta.get('incarnation', 0)}, its name says "
+                         f"{name.incarnation}")
     return delta
 
 

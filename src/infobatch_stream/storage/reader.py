@@ -14,7 +14,7 @@ from typing import Any
 
 from . import cache, layout
 from .checks import check_int
-from .errors import CorruptStoreError, StoreError
+from .errors import CorruptStoreError, RetiredEpochError, StoreError
 from .files import OutsideRootError, StoreFiles
 from .layout import Manifest
 from .retry import RetryPolicy
@@ -38,10 +38,10 @@ class StoreReader:
         self.retries = RetryPolicy.of(retries)
         self.url = os.fspath(url) if isinstance(url, os.PathLike) else url
         self.storage_options = dict(storage_options or {})
-        self.files = StoreFiles(self.url, self.storage_options, self.retries)
+        self.cache_dir = cache_dir or cache.default_cache_dir()
+        self.files = StoreFiles(self.url, self.storage_options, self.retries, self.cache_dir)
         self.root = self.files.root
         self.local_root = self.files.local_root
-        self.cache_dir = cache_dir or cache.default_cache_dir()
         self._snapshots: dict[int, ScoreSnapshot] = {}
 
     def __repr__(self) -> str:
@@ -70,10 +70,26 @@ class StoreReader:
 
     @property
     def epochs(self) -> list[int]:
-        """The committed epochs still retained in the store, oldest first."""
+        """The committed epochs still retained in the store, oldest first.
+
+        A file in ``manifests/`` that reads like a manifest but is not named as the store
+        names them (non-ASCII digits, a trailing newline) is CorruptStoreError, never an epoch.
+        """
+        epochs, odd = self._listed_epochs()
+        if odd:
+            raise CorruptStoreError(
+                self.files.path(f"{layout.MANIFESTS}/{odd[0]}"),
+                f"is not a manifest name the store writes ({odd[0]!r}; manifests are named "
+                f"epoch-<8 ASCII digits>.json): a foreign or damaged file, remove it",
+                self._last_good_of(epochs))
+        return epochs
+
+    def _listed_epochs(self) -> tuple[list[int], list[str]]:
+        """(committed epochs, names in ``manifests/`` that only look like manifests)."""
         self.files.ensure_marker(creating=False)
         names = self.files.list(layout.MANIFESTS)
-        return sorted(e for e in map(layout.manifest_epoch, names) if e is not None)
+        epochs = sorted(e for e in map(layout.manifest_epoch, names) if e is not None)
+        return epochs, [n for n in names if layout.looks_like_a_manifest(n)]
 
     @property
     def latest_epoch(self) -> int | None:
@@ -97,20 +113,28 @@ class StoreReader:
         try:
             return self._read_manifest(layout.check_epoch(epoch))
         except FileNotFoundError:
-            raise StoreError(f"{self.files.path(layout.manifest_name(epoch))}: epoch {epoch} is "
-                             f"not committed in this store (retained epochs: {self.epochs})") from None
+            retained = self.epochs
+            error = RetiredEpochError if retained and epoch < retained[-1] else StoreError
+            raise error(f"{self.files.path(layout.manifest_name(epoch))}: epoch {epoch} is "
+                        f"not committed in this store (retained epochs: {retained})") from None
 
     def _read_manifest(self, epoch: int) -> Manifest:
         """The manifest of ``epoch``, checked; FileNotFoundError when there is none."""
         relpath = layout.manifest_name(epoch)
         try:
             manifest = Manifest.from_json(self.files.read(relpath))
+        except (IsADirectoryError, FileNotFoundError) as exc:
+            # A folder where the manifest should be (on an object store, a prefix: read as missing)
+            if isinstance(exc, FileNotFoundError) and not self.files.is_folder(relpath):
+                raise
+            raise CorruptStoreError(self.files.path(relpath), "is a directory, not a manifest file",
+                                    self.last_good_epoch(epoch)) from None
         except ValueError as exc:
             raise CorruptStoreError(self.files.path(relpath), f"manifest {exc}",
-                                    self._last_good(epoch)) from None
+                                    self.last_good_epoch(epoch)) from None
         if manifest.epoch != epoch:
             raise CorruptStoreError(self.files.path(relpath),
-                                    f"manifest describes epoch {manifest.epoch}", self._last_good(epoch))
+                                    f"manifest describes epoch {manifest.epoch}", self.last_good_epoch(epoch))
         return manifest
 
     # -- snapshots --------------------------------------------------------------------------
@@ -133,7 +157,7 @@ class StoreReader:
             except _Retired:
                 if epoch is None:
                     continue  # a newer epoch was committed meanwhile: open that one
-                raise StoreError(f"{self.url}: epoch {epoch} was retired (keep_snapshots="
+                raise RetiredEpochError(f"{self.url}: epoch {epoch} was retired (keep_snapshots="
                                  f"{self.keep_snapshots}) while it was being opened; retained "
                                  f"epochs: {self.epochs}") from None
             self._snapshots = {manifest.epoch: snap}  # hold one: older epochs are rarely asked again
@@ -164,14 +188,14 @@ class StoreReader:
                     raise
                 return self._fetch_again(manifest, exc)
         except FileNotFoundError:
-            if manifest.epoch not in self.epochs:
+            if manifest.epoch not in self._listed_epochs()[0]:
                 raise _Retired() from None
             problem = f"snapshot named by {layout.manifest_name(manifest.epoch)} is missing"
         except ValueError as exc:
             problem = f"snapshot {exc}"
         if quiet:
             raise ValueError(problem)
-        raise CorruptStoreError(remote, problem, self._last_good(manifest.epoch))
+        raise CorruptStoreError(remote, problem, self.last_good_epoch(manifest.epoch))
 
     def _fetch_again(self, manifest: Manifest, exc: Exception) -> ScoreSnapshot:
         """The cached copy may be what is damaged (a disk error, a stray write) or gone (evicted
@@ -199,9 +223,13 @@ class StoreReader:
             cache.evict_older(directory, manifest.epoch, self.keep_snapshots)
         return path
 
-    def _last_good(self, before: int) -> int | None:
-        """The newest epoch older than ``before`` whose manifest and snapshot verify."""
-        for epoch in reversed([e for e in self.epochs if e < before]):
+    def last_good_epoch(self, before: int | None = None) -> int | None:
+        """The newest epoch (older than ``before``) whose manifest and snapshot verify."""
+        return self._last_good_of([e for e in self._listed_epochs()[0]
+                                   if before is None or e < before])
+
+    def _last_good_of(self, epochs: list[int]) -> int | None:
+        for epoch in reversed(epochs):
             try:
                 manifest = Manifest.from_json(self.files.read(layout.manifest_name(epoch)))
                 self._open_snapshot(manifest, quiet=True)
@@ -213,10 +241,11 @@ class StoreReader:
     # -- deltas -----------------------------------------------------------------------------
 
     def pending_deltas(self, epoch: int) -> list[str]:
-        """Delta files of ``epoch`` in the store (paths relative to the root), in write order."""
+        """Delta files of ``epoch`` in the store (paths relative to the root), in merge order."""
         directory = layout.delta_dir(layout.check_epoch(epoch))
         names = self.files.list(directory)
-        return [f"{directory}/{n}" for n in names if layout.is_delta_name(f"{directory}/{n}", epoch)]
+        return layout.in_merge_order(
+            [f"{directory}/{n}" for n in names if layout.is_delta_name(f"{directory}/{n}", epoch)])
 
     def leftover_deltas(self) -> dict[int, list[str]]:
         """Delta files of committed epochs still in the store, by epoch.

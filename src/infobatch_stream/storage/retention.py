@@ -8,10 +8,13 @@ the clean-up of a commit killed after its manifest) the store keeps the marker, 
   (flushed after their epoch's commit, or by another run);
 - the manifests of older epochs (each before its snapshot: a manifest never names a
   missing file), and snapshots no retained manifest names (a losing or killed commit's);
+- run records (``runs/``) beyond the newest few; never the newest, the store's owner;
 - on a local disk, the temporaries of killed writes and commits (an object store makes a
   PUT visible whole and has none); for a remote store, the committing machine's cache.
 
-Every file removed is one no reader can be using: it belongs to no retained epoch.
+Every file removed is one no reader can be using: it belongs to no retained epoch. Only
+files inside the store's root go: ``StoreFiles`` refuses a folder that is a link, and a
+file that is a link is removed itself, never its target.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 
-from . import cache, fsio, layout
+from . import cache, fsio, layout, runs
 from .checks import first_names
 from .errors import StoreError
 from .layout import Manifest
@@ -50,10 +53,12 @@ def retain(store: StoreReader, manifest: Manifest, started: float) -> None:
         file_epoch = layout.snapshot_epoch(relpath)
         if file_epoch is not None and file_epoch <= manifest.epoch and relpath not in referenced:
             store.files.remove(relpath)
+    runs.prune_records(store.files)
     if store.local_root is not None:
         # Killed writes and commits leave temporaries only on a local disk (an object
         # store makes a PUT visible whole); none of this job's own is live now.
-        for directory in ("", layout.SNAPSHOTS, layout.MANIFESTS):
+        for directory in ("", layout.SNAPSHOTS, layout.MANIFESTS, layout.RUNS):
+            store.files.check_folders(directory)
             fsio.sweep_temporaries(os.path.join(store.root, directory), started)
     else:
         cache.evict(store.cache_directory(), {r.rsplit("/", 1)[-1] for r in referenced}, before=started)
@@ -78,6 +83,7 @@ def _remove_committed_deltas(store: StoreReader, committed: int,
         for name in names:
             store.files.remove(name)
         if store.local_root is not None:
+            store.files.check_folders(f"{layout.DELTAS}/{dirname}")  # never sweep through a link
             directory = os.path.join(store.root, layout.DELTAS, dirname)
             fsio.sweep_temporaries(directory, started)  # flushes killed before their rename
             try:  # object stores have no directories; a local one would stay behind, empty

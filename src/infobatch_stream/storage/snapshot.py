@@ -26,6 +26,26 @@ _TABLE_SLICE = 1 << 11  # temporaries of 16 KB: less for malloc to keep in a wor
 _SMALL_QUERY = 16  # below this many keys a plain binary search has less overhead
 
 
+def _check_sums(table: TableFile, rows: int) -> float | None:
+    """The snapshot's stored mean, once its stored sum is checked against its scores (the
+    column checksum does not cover the metadata, and the mean is every epoch's threshold)."""
+    mean, stored = table.meta.get("mean"), table.meta.get("score_sum", 0.0)
+    for name, value in (("mean", mean), ("score_sum", stored)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"metadata {name!r} must be a number, got {value!r}")
+    if (mean is None) != (rows == 0):
+        raise ValueError("its mean does not match its row count")
+    if rows and mean != stored / rows:
+        raise ValueError(f"its mean {mean} is not its score sum {stored} over {rows} keys")
+    # Summed in another order than the merge's: equal up to rounding, which scales with the
+    # sum of magnitudes (read only when the sum itself is not close enough: scores of mixed
+    # signs may cancel).
+    gap = abs(table.score_sum - stored)
+    if gap > 1e-9 * abs(stored) and gap > 1e-9 * table.score_magnitude():
+        raise ValueError(f"its scores sum to {table.score_sum}, its metadata says {stored}")
+    return None if mean is None else float(mean)
+
+
 class ScoreSnapshot:
     """The scores of one committed epoch.
 
@@ -60,13 +80,10 @@ class ScoreSnapshot:
     @classmethod
     def open(cls, path: str, epoch: int) -> ScoreSnapshot:
         """Map a local snapshot file; ValueError says what is wrong with a damaged one."""
-        table = open_table_file(path, SNAPSHOT_SCHEMA, "snapshot")
+        table = open_table_file(path, SNAPSHOT_SCHEMA, "snapshot", max_epoch=epoch)
         if table.meta.get("epoch") != epoch:
             raise ValueError(f"holds epoch {table.meta.get('epoch')}, expected {epoch}")
-        rows = len(table.columns["hash"])
-        mean = table.meta.get("mean")
-        if (mean is None) != (rows == 0):
-            raise ValueError("its mean does not match its row count")
+        mean = _check_sums(table, len(table.columns["hash"]))
         snap = cls(epoch, table.columns["hash"], table.columns["score"], table.columns["epoch"],
                    mean, path, table.batch, table.meta["digest"])
         snap.file = table  # lets a commit read it in ranges instead of through the mapping

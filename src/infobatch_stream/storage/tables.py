@@ -9,6 +9,7 @@ checksum of its column data: a damaged file is refused, never read as wrong scor
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import xxhash
+
+from .layout import strict_json
 
 META_KEY = b"infobatch_stream"
 
@@ -67,6 +70,20 @@ class TableFile:
     batch: pa.RecordBatch
     path: str | None = None
     offsets: dict[str, int] = field(default_factory=dict)
+    score_sum: float = 0.0  # float64 sum of the score column, found by the check
+
+    def score_magnitude(self, rows_per_read: int = 1 << 20) -> float:
+        """The float64 sum of the scores' absolute values, read from the file in chunks (the
+        scale of a sum's rounding error; asked only when a sum looks off)."""
+        total, count = 0.0, len(self.columns["score"])
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for lo in range(0, count, rows_per_read):
+                chunk = self.read_rows(fd, "score", lo, min(count, lo + rows_per_read))
+                total += float(np.add.reduce(np.abs(chunk), dtype=np.float64))
+        finally:
+            os.close(fd)
+        return total
 
     def read_rows(self, fd: int, name: str, lo: int, hi: int) -> np.ndarray:
         """Rows ``lo:hi`` of a column as a private array, read from ``fd`` (this file, opened)."""
@@ -84,8 +101,39 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
         view, offset = view[got:], offset + got
 
 
-def _file_columns_digest(path: str, spans: list[tuple[int, int]]) -> str:
-    """``columns_digest`` of columns stored at (offset, nbytes) in ``path``.
+class _ColumnCheck:
+    """What a column must hold beyond its checksum, checked window by window in the checksum's
+    own pass: key hashes strictly increasing (sorted, unique: lookups and merges bisect them),
+    scores finite (their float64 sums kept for the snapshot's stored sum), and no epoch past
+    ``max_epoch``. A problem is returned, not raised: the window's buffer must be released."""
+
+    def __init__(self, name: str, dtype: np.dtype, max_epoch: int | None):
+        self.name = name
+        self.dtype = np.dtype(dtype)
+        self.max_epoch = max_epoch
+        self.last: int | None = None
+        self.total = 0.0
+
+    def __call__(self, raw: memoryview) -> str | None:
+        values = np.frombuffer(raw, self.dtype)
+        if not len(values):
+            return None
+        if self.name == "hash":
+            if (self.last is not None and values[0] <= self.last) or not (values[1:] > values[:-1]).all():
+                return "key hashes are not sorted and unique"
+            self.last = int(values[-1])
+        elif self.name == "score":
+            total = float(np.add.reduce(values, dtype=np.float64))
+            if not math.isfinite(total):  # a NaN or inf makes the sum so; finite floats cannot
+                return "holds NaN or infinite scores"
+            self.total += total
+        elif self.name == "epoch" and self.max_epoch is not None and int(values.max()) > self.max_epoch:
+            return f"holds scores of epoch {int(values.max())}, after its own epoch {self.max_epoch}"
+        return None
+
+
+def _file_columns_digest(path: str, spans: list[tuple[int, int, _ColumnCheck]]) -> str:
+    """``columns_digest`` of columns stored at (offset, nbytes) in ``path``, each column checked.
 
     Read through short-lived windows of a memory map: the pages are shared page cache while
     a window is mapped and leave the process when it is unmapped, so neither a commit (which
@@ -96,23 +144,45 @@ def _file_columns_digest(path: str, spans: list[tuple[int, int]]) -> str:
     grain = mmap.ALLOCATIONGRANULARITY
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
-        for offset, nbytes in spans:
+        for offset, nbytes, check in spans:
             if offset + nbytes > size:
                 raise ValueError("is shorter than its own metadata says (truncated)")
             while nbytes:
                 start = offset - offset % grain
-                length = min(nbytes + offset - start, _MAP_WINDOW)
-                with mmap.mmap(handle.fileno(), length, offset=start,
+                take = min(nbytes, _MAP_WINDOW - (offset - start))
+                take -= take % check.dtype.itemsize if take < nbytes else 0  # whole values
+                with mmap.mmap(handle.fileno(), offset - start + take, offset=start,
                                access=mmap.ACCESS_READ) as window, \
                         memoryview(window)[offset - start:] as part:
                     digest.update(part)
-                    done = len(part)
-                offset, nbytes = offset + done, nbytes - done
+                    problem = check(part)
+                if problem:
+                    raise ValueError(problem)
+                offset, nbytes = offset + take, nbytes - take
     return digest.hexdigest()
 
 
-def open_table_file(path: str, schema: pa.Schema, kind: str) -> TableFile:
-    """Map and check a table file; ValueError says what is wrong with it."""
+def read_table_meta(path: str) -> dict[str, Any]:
+    """A table file's metadata alone (nothing checked but that it parses); ValueError if not."""
+    try:
+        with pa.memory_map(path, "r") as source:
+            metadata = pa.ipc.open_file(source).schema.metadata or {}
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"not a readable Arrow IPC file ({exc})") from None
+    meta = strict_json(metadata.get(META_KEY, b"null"))
+    if not isinstance(meta, dict):
+        raise ValueError("has no infobatch_stream metadata")
+    return meta
+
+
+def open_table_file(path: str, schema: pa.Schema, kind: str, *,
+                    max_epoch: int | None = None) -> TableFile:
+    """Map and check a table file; ValueError says what is wrong with it.
+
+    Checked: the schema, strict-JSON metadata of the right kind with its row count, the
+    column checksum, sorted unique key hashes, finite scores and (``max_epoch``) no row
+    updated after the file's epoch. ``TableFile.score_sum`` is the scores' float64 sum.
+    """
     try:
         source = pa.memory_map(path, "r")
         reader = pa.ipc.open_file(source)
@@ -124,9 +194,11 @@ def open_table_file(path: str, schema: pa.Schema, kind: str) -> TableFile:
     if file_schema.remove_metadata() != schema:
         raise ValueError(f"schema is [{file_schema.remove_metadata()}], expected [{schema}]")
     try:
-        meta = json.loads((file_schema.metadata or {})[META_KEY])
-    except (KeyError, ValueError):
+        meta = strict_json((file_schema.metadata or {})[META_KEY])
+    except KeyError:
         raise ValueError("has no infobatch_stream metadata") from None
+    except ValueError as exc:
+        raise ValueError(f"has unreadable infobatch_stream metadata: {exc}") from None
     if not isinstance(meta, dict) or meta.get("kind") != kind:
         raise ValueError(f"is not a {kind} file")
     if reader.num_record_batches != 1:
@@ -136,8 +208,9 @@ def open_table_file(path: str, schema: pa.Schema, kind: str) -> TableFile:
         batch.validate()
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
         raise ValueError(f"is truncated or damaged ({exc})") from None
-    if batch.num_rows != meta.get("rows"):
-        raise ValueError(f"holds {batch.num_rows} rows, its metadata says {meta.get('rows')}")
+    rows = meta.get("rows")
+    if isinstance(rows, bool) or not isinstance(rows, int) or batch.num_rows != rows:
+        raise ValueError(f"holds {batch.num_rows} rows, its metadata says {rows!r}")
     columns = {
         name: batch.column(i).to_numpy(zero_copy_only=True) for i, name in enumerate(schema.names)
     }
@@ -147,8 +220,10 @@ def open_table_file(path: str, schema: pa.Schema, kind: str) -> TableFile:
     offsets = {name: col.ctypes.data - base for name, col in columns.items() if len(col)}
     # Checked through windows of their own, not through the table's mapping, which would keep
     # every page of every input of a commit resident in the committing process.
-    digest = _file_columns_digest(path, [(offsets[name], col.nbytes)
+    checks = {name: _ColumnCheck(name, col.dtype, max_epoch) for name, col in columns.items()}
+    digest = _file_columns_digest(path, [(offsets[name], col.nbytes, checks[name])
                                          for name, col in columns.items() if len(col)])
     if digest != meta.get("digest"):
         raise ValueError("column data does not match its checksum (the file is damaged)")
-    return TableFile(columns=columns, meta=meta, batch=batch, path=path, offsets=offsets)
+    return TableFile(columns=columns, meta=meta, batch=batch, path=path, offsets=offsets,
+                     score_sum=checks["score"].total)
