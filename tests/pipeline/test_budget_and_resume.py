@@ -180,3 +180,21 @@ def test_a_checkpoint_from_inside_bound_whose_epoch_was_committed_warns(tmp_path
     ib.end_epoch()
     with pytest.warns(UserWarning, match="taken in epoch 0, mid-epoch"):
         ibs.InfoBatch(tmp_path / "store", num_epochs=4).load_state_dict(mid_epoch)
+
+
+def test_the_store_refuses_other_settings_without_a_checkpoint(tmp_path):
+    """The same store reopened with another prune_ratio or num_epochs and no checkpoint is
+    refused before training, both values shown; takeover=True continues on purpose."""
+    ib = ibs.InfoBatch(tmp_path / "store", num_epochs=4)
+    ib.update(torch.ones(2), ["a", "b"])
+    ib.end_epoch()
+    for kwargs, shown in (({"num_epochs": 4, "prune_ratio": 0.3}, "prune_ratio=0.5"),
+                          ({"num_epochs": 6}, "num_epochs=4")):
+        other = ibs.InfoBatch(tmp_path / "store", **kwargs)
+        with pytest.raises(ibs.SettingsMismatchError, match=shown) as info:
+            other.update(torch.ones(1), ["a"])
+        assert str(kwargs.get("prune_ratio", kwargs["num_epochs"])) in str(info.value)
+        assert ibs.ScoreStore(tmp_path / "store").latest_epoch == 0
+    taken = ibs.InfoBatch(tmp_path / "store", num_epochs=6, takeover=True)
+    taken.update(torch.ones(1), ["a"])
+    assert taken.end_epoch().epoch == 1
