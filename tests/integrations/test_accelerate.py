@@ -53,3 +53,13 @@ def test_killed_mid_epoch_then_resumed_goes_on_as_if_never_killed(digits, tmp_pa
     assert logged["steps_min"] == logged["steps_max"] == logged["steps"]
     if hasattr(ibs.InfoBatch, "metrics"):  # comes with issue 14's GPU-path branch
         assert len(logged["saved_fraction"]) == EPOCHS
+
+
+def test_prepare_hands_a_webloader_back_unchanged(digits):
+    """What the README's "do not prepare the loader" rests on: accelerate passes through what
+    is not a DataLoader, so a prepared WebLoader is the WebLoader, split by webdataset."""
+    import webdataset as wds
+    from accelerate import Accelerator
+
+    loader = wds.WebLoader(wds.WebDataset(digits, shardshuffle=False, empty_check=False), batch_size=None)
+    assert Accelerator(cpu=True).prepare(loader) is loader
