@@ -1,7 +1,8 @@
 """PyTorch Lightning with InfoBatch: a small classifier on the digits shards.
 
     python examples/classification/make_shards.py --out data/digits
-    python examples/lightning/train.py --shards 'data/digits/train-{000000..000002}.tar'
+    python examples/lightning/train.py --shards 'data/digits/train-{000000..000002}.tar' \
+        --test data/digits/test-000000.tar
     python examples/lightning/train.py --devices 2 --shards ...     # DDP on 2 CPU processes
 
 What InfoBatch adds to a Lightning script: ``ib.stage()`` in the DataModule's pipeline,
@@ -39,6 +40,11 @@ class DigitsModule(L.LightningModule):
         per_sample = F.cross_entropy(self.model(images), labels, reduction="none")
         return self.ib.update(per_sample, keys, weights)     # records scores, weighted mean
 
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, labels = batch
+        accuracy = (self.model(images).argmax(1) == labels).float().mean()
+        self.log("val_accuracy", accuracy, sync_dist=True, batch_size=len(labels))
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
@@ -62,10 +68,19 @@ class DigitsData(L.LightningDataModule):
         loader = wds.WebLoader(dataset, batch_size=None, num_workers=args.workers)
         return self.infobatch.bound(loader)               # same number of batches on every rank
 
+    def val_dataloader(self):
+        if not self.args.test:
+            return []
+        dataset = (wds.WebDataset(list(wds.shardlists.expand_urls(self.args.test)), shardshuffle=False,
+                                  nodesplitter=wds.split_by_node, empty_check=False)
+                   .decode("torchl").to_tuple("png", "cls").batched(256))
+        return wds.WebLoader(dataset, batch_size=None)
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", required=True, help="webdataset shards of png + cls samples")
+    p.add_argument("--test", default="", help="shards to validate on after each epoch")
     p.add_argument("--out", default="runs/lightning", help="checkpoints, score store, logs")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32, help="per process")

@@ -12,9 +12,14 @@ What Lightning (2.x) does and what the callback does about it:
   loop starts (before ``on_train_start``) and, for later epochs, after the previous
   ``on_train_epoch_end`` (with ``reload_dataloaders_every_n_epochs=1``, before
   ``on_train_epoch_start``). The stage in the DataLoader workers reads the store when that
-  iterator starts, so each epoch's commit must be visible by the end of
-  ``on_train_epoch_end``: every rank commits there, and Lightning runs ``ModelCheckpoint``
-  after the other callbacks, so a checkpoint never runs ahead of the store.
+  iterator starts, so each epoch's commit must be visible by then.
+- A ``ModelCheckpoint`` saves in ``on_train_epoch_end``, after the other callbacks, or,
+  when it saves on validation (``save_on_train_epoch_end=False``,
+  ``check_val_every_n_epoch > 1``, validation within the epoch), when the epoch-end
+  validation ends, before ``on_train_epoch_end``. Every rank commits when the epoch's last
+  training batch ends (``on_train_batch_end``), before either: a checkpoint never runs
+  ahead of the store. An epoch cut short (``max_steps``, ``limit_train_batches``) commits
+  in ``on_train_epoch_end``.
 - Lightning leaves an iterable that is not a ``DataLoader`` (a ``WebLoader``) as it is,
   and never gives a ``DataLoader`` over an ``IterableDataset`` a ``DistributedSampler``:
   webdataset's ``split_by_node`` splits the shards.
@@ -87,12 +92,12 @@ class InfoBatchCallback(pl.Callback):
     """Runs ``ib``'s epochs inside a Lightning ``Trainer``: begin, commit, checkpoint, log.
 
     ``Trainer(max_epochs=...)`` must equal ``ib.num_epochs``. Every rank commits each epoch
-    in ``on_train_epoch_end``; ``ib.state_dict()`` travels in Lightning's checkpoint; the
-    metrics of each committed epoch (``ib.metrics()``) are logged as ``infobatch/<name>``.
+    when its last training batch ends; ``ib.state_dict()`` travels in Lightning's checkpoint;
+    the metrics of each committed epoch (``ib.metrics()``) are logged as ``infobatch/<name>``.
 
-    ``overlap_commit=True`` starts the commit when the epoch's last training batch ends
-    (``ib.end_epoch(wait=False)``) and waits for it before validation's checkpoint and at
-    ``on_train_epoch_end``, so the commit runs while the epoch-end validation does.
+    ``overlap_commit=True`` only starts the commit there (``ib.end_epoch(wait=False)``) and
+    waits for it when validation ends (before its checkpoint) and at ``on_train_epoch_end``,
+    so the commit runs while the epoch-end validation does.
 
     >>> infobatch = InfoBatchCallback(ib)                                     # doctest: +SKIP
     >>> trainer = L.Trainer(max_epochs=ib.num_epochs, callbacks=[infobatch])  # doctest: +SKIP
@@ -103,7 +108,8 @@ class InfoBatchCallback(pl.Callback):
         self.overlap_commit = overlap_commit
         self._trainer: pl.Trainer | None = None
         self._epochs: Iterator[int] | None = None
-        self._epoch: int | None = None      # the epoch begun and not yet committed
+        self._epoch: int | None = None      # the epoch begun (None between epochs)
+        self._ended = False                 # whether its end_epoch() was called
         self._committing = False            # an overlapped commit is in flight
 
     def bound(self, loader: Iterable) -> BoundLoader:
@@ -125,7 +131,7 @@ class InfoBatchCallback(pl.Callback):
         # ib.epochs() begins the store's first uncommitted epoch (None: the store holds them
         # all) and, once per run, finishes the clean-up of a commit killed after its manifest.
         self._epochs = self.ib.epochs()
-        self._epoch = next(self._epochs, None)
+        self._epoch, self._ended = next(self._epochs, None), False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         store_epoch = self.ib.num_epochs if self._epoch is None else self._epoch
@@ -149,10 +155,14 @@ class InfoBatchCallback(pl.Callback):
                 f"Lightning is at epoch {trainer.current_epoch} but InfoBatch at {self._epoch}: "
                 f"with InfoBatchCallback, only the callback may call ib.end_epoch()")
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
-        # bound() ends the epoch on every rank at the same batch, so all ranks agree here.
-        if self.overlap_commit and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+    def _end_epoch(self, wait: bool) -> None:
+        """Commit the epoch in progress, once; ``wait=False`` leaves the commit in flight."""
+        if self._ended:
+            return
+        self._ended = True
+        if wait:
+            self.ib.end_epoch()
+        else:
             self.ib.end_epoch(wait=False)
             self._committing = True
 
@@ -161,15 +171,20 @@ class InfoBatchCallback(pl.Callback):
             self.ib.wait()
             self._committing = False
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        # The epoch's training is over with its last batch (bound() ends it on every rank at
+        # the same batch): commit before the epoch-end validation and its checkpoint.
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._end_epoch(wait=not self.overlap_commit)
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._wait_for_commit()  # ModelCheckpoint saves after this: never ahead of the store
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._committing:
-            self._wait_for_commit()
-        else:
-            self.ib.end_epoch()
-        self._epoch = None
+        self._end_epoch(wait=True)  # an epoch cut short (max_steps, limit_train_batches), or empty
+        self._wait_for_commit()
+        self._epoch, self._ended = None, False
         if hasattr(self.ib, "metrics"):  # InfoBatch.metrics() comes with issue 14's GPU-path branch
             metrics = _numbers(self.ib.metrics())
             if metrics:

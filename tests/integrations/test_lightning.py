@@ -68,18 +68,20 @@ class Recorder:
 
 
 def fit(script, tmp_path, digits, *, epochs=5, ckpt_path=None, store="scores", stop_after=None,
-        overlap_commit=False):
+        overlap_commit=False, validate=False):
     """One in-process fit of the example's module and data on 1 CPU process; returns what it did."""
     import lightning.pytorch as L
 
     from infobatch_stream.lightning import InfoBatchCallback
 
-    args = script.parse_args(["--shards", digits, "--workers", "0", "--batch-size", "16"])
+    args = script.parse_args(["--shards", digits, "--workers", "0", "--batch-size", "16",
+                              "--test", digits if validate else ""])
     ib = ibs.InfoBatch(str(tmp_path / store), num_epochs=epochs, cache_dir=str(tmp_path / "cache"))
     infobatch = InfoBatchCallback(ib, overlap_commit=overlap_commit)
     recorder = Recorder(ib)
     callbacks = [infobatch, recorder.callback, L.callbacks.ModelCheckpoint(
-        dirpath=tmp_path / "checkpoints", filename="{epoch}", save_top_k=-1)]
+        dirpath=tmp_path / "checkpoints", filename="{epoch}", save_top_k=-1,
+        save_on_train_epoch_end=not validate)]
     if stop_after is not None:
         class Stop(L.Callback):
             def on_train_epoch_end(self, trainer, pl_module):
@@ -111,6 +113,21 @@ def test_a_checkpoint_behind_the_store_moves_lightning_to_the_stores_epoch(train
         trainer, ib, trained = fit(train_script, tmp_path, digits,
                                    ckpt_path=tmp_path / "checkpoints" / "epoch=0.ckpt")
     assert trained == [] and ib.store.latest_epoch == 4
+
+
+def test_with_validation_each_checkpoint_is_taken_after_its_epochs_commit(train_script, tmp_path,
+                                                                          digits):
+    """A ModelCheckpoint that saves when validation ends does so before on_train_epoch_end:
+    the commit must come before, when the epoch's last training batch ends."""
+    import torch
+
+    trainer, ib, _ = fit(train_script, tmp_path, digits, epochs=3, validate=True)
+    assert "val_accuracy" in trainer.callback_metrics  # validation ran
+    assert ib.store.latest_epoch == 2
+    for epoch in range(3):
+        checkpoint = torch.load(tmp_path / "checkpoints" / f"epoch={epoch}.ckpt", weights_only=False)
+        state = next(v for k, v in checkpoint["callbacks"].items() if "InfoBatchCallback" in k)
+        assert state["epoch"] == epoch + 1, state  # the store's next epoch: this one committed
 
 
 @pytest.mark.parametrize("with_state", [True, False], ids=["with-callback-state", "without"])
