@@ -81,9 +81,7 @@ def train_one_epoch(accelerator: Accelerator, ib: ibs.InfoBatch, model, optimize
 
 def epoch_summary(accelerator: Accelerator, ib: ibs.InfoBatch, steps: int) -> dict:
     """What each epoch logs: InfoBatch's metrics and the steps every process took."""
-    summary = {}
-    if hasattr(ib, "metrics"):  # InfoBatch.metrics() comes with issue 14's GPU-path branch
-        summary.update(ib.metrics())
+    summary = dict(ib.metrics())  # InfoBatch's plain dict of the epoch
     per_process = accelerator.gather(torch.tensor([steps], device=accelerator.device))
     summary["steps"] = steps
     summary["steps_min"], summary["steps_max"] = int(per_process.min()), int(per_process.max())

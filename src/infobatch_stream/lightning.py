@@ -76,9 +76,7 @@ class BoundLoader:
             return iter(())
         steps = self.gradient_accumulation_steps
         steps = steps() if callable(steps) else steps
-        if steps == 1:
-            return self.ib.bound(self.loader)
-        # Each rank's epoch then ends on a whole optimizer step.
+        # Each rank's epoch ends on a whole optimizer step.
         return self.ib.bound(self.loader, gradient_accumulation_steps=steps)
 
 
@@ -185,10 +183,9 @@ class InfoBatchCallback(pl.Callback):
         self._end_epoch(wait=True)  # an epoch cut short (max_steps, limit_train_batches), or empty
         self._wait_for_commit()
         self._epoch, self._ended = None, False
-        if hasattr(self.ib, "metrics"):  # InfoBatch.metrics() comes with issue 14's GPU-path branch
-            metrics = _numbers(self.ib.metrics())
-            if metrics:
-                pl_module.log_dict(metrics, rank_zero_only=True)
+        metrics = _numbers(self.ib.metrics() or {})
+        if metrics:
+            pl_module.log_dict(metrics, rank_zero_only=True)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._epochs is not None:

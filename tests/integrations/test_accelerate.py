@@ -51,8 +51,7 @@ def test_killed_mid_epoch_then_resumed_goes_on_as_if_never_killed(digits, tmp_pa
     logged = scalars(out / "infobatch")
     assert logged["steps"] == [logs[(0, e)]["steps"] for e in range(EPOCHS)]
     assert logged["steps_min"] == logged["steps_max"] == logged["steps"]
-    if hasattr(ibs.InfoBatch, "metrics"):  # comes with issue 14's GPU-path branch
-        assert len(logged["saved_fraction"]) == EPOCHS
+    assert len(logged["saved_fraction"]) == EPOCHS
 
 
 def test_prepare_hands_a_webloader_back_unchanged(digits):

@@ -6,7 +6,6 @@ behind the checkpoint, the epochs' agreement, and the message without Lightning.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import sys
 
 import pytest
@@ -170,8 +169,6 @@ def test_without_lightning_the_import_says_what_to_install(monkeypatch):
     monkeypatch.delitem(sys.modules, "infobatch_stream.lightning", raising=False)
 
 
-@pytest.mark.skipif("wait" not in inspect.signature(ibs.InfoBatch.end_epoch).parameters,
-                    reason="needs InfoBatch.end_epoch(wait=False) and wait() (issue 14, GPU path)")
 def test_an_overlapped_commit_lands_before_the_next_epoch(train_script, tmp_path, digits):
     _, ib, trained = fit(train_script, tmp_path, digits, epochs=3, overlap_commit=True)
     assert [e[:2] for e in trained] == [[0, 0], [1, 1], [2, 2]]
@@ -179,8 +176,6 @@ def test_an_overlapped_commit_lands_before_the_next_epoch(train_script, tmp_path
     assert ib.store.latest_epoch == 2
 
 
-@pytest.mark.skipif(not hasattr(ibs.InfoBatch, "metrics"),
-                    reason="needs InfoBatch.metrics() (issue 14, GPU path)")
 def test_each_epochs_metrics_are_logged(train_script, tmp_path, digits):
     trainer, _, _ = fit(train_script, tmp_path, digits, epochs=2)
     assert "infobatch/saved_fraction" in trainer.logged_metrics
