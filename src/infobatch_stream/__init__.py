@@ -10,6 +10,7 @@ it lacks (``s3://``, ``gcs://``, ...).
 from .pipeline import (
     EpochPlan, InfoBatch, StepPlan, register_fsspec_schemes, set_shard_storage_options,
 )
+from .pipeline.timestep import TimestepNormalizer
 from .stages import EpochRule, InfoBatchPolicy, RandomPolicy, annealing_start, uniform_draws
 from .stages.keyfn import sample_key, shard_key
 from .stages.prune import lookup_scores, soft_prune
@@ -25,7 +26,7 @@ register_fsspec_schemes()
 __all__ = [
     "CorruptStoreError", "EpochPlan", "EpochRule", "InfoBatch", "InfoBatchPolicy",
     "NotAStoreError", "OwnershipError", "RandomPolicy", "RetryPolicy", "ScoreSnapshot", "ScoreStore", "StepPlan",
-    "StoreError", "StoreUnavailableError",
+    "StoreError", "StoreUnavailableError", "TimestepNormalizer",
     "annealing_start", "hash_key", "hash_keys", "lookup_scores", "register_fsspec_schemes",
     "sample_key", "set_shard_storage_options", "shard_key", "soft_prune", "uniform_draws",
 ]
