@@ -125,7 +125,7 @@ def test_infobatch_records_the_normalized_scores(tmp_path):
 def test_two_gloo_ranks_hold_the_same_table_and_give_the_same_scores(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         RANKS_SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=180)
+         RANKS_SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=180, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["state"] == ranks[1]["state"]
