@@ -95,10 +95,12 @@ class Regime:
 
 
 REGIMES = {
-    "full": Regime(train_images=512, heldout_images=256, image_size=8, channels=(16, 32),
-                   batch_size=32, epochs=64, lr=3e-3, seeds=3),
-    "quick": Regime(train_images=256, heldout_images=128, image_size=8, channels=(16, 32),
-                    batch_size=32, epochs=24, lr=3e-3, seeds=3),
+    "full": Regime(train_images=128, heldout_images=256, image_size=8, channels=(16, 32),
+                   batch_size=16, epochs=400, lr=3e-3, seeds=3, warmup=2.0, eval_every=8,
+                   norm_buckets=10),
+    "quick": Regime(train_images=128, heldout_images=128, image_size=8, channels=(16, 32),
+                    batch_size=16, epochs=32, lr=3e-3, seeds=3, warmup=2.0, eval_every=2,
+                    norm_buckets=10),
 }
 
 
@@ -146,7 +148,7 @@ def loader(data: Data, regime: Regime, ib: ibs.InfoBatch, seed: int, epoch: int,
                .decode("torchrgb")
                .to_tuple("png", "__key__", "__weight__", "__score__")
                .map_tuple(lambda image: to_model_range(image, regime.image_size), None, None, None)
-               .batched(regime.batch_size, partial=False))
+               .batched(regime.batch_size))     # the last, partial batch too: every kept sample
     return wds.WebLoader(dataset, batch_size=None, num_workers=0, pin_memory=pin)
 
 
@@ -204,7 +206,7 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float | None:
 def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
     """One epoch through the stage; nothing on the step path waits for the device."""
     regime, device = run.regime, run.device
-    planned = max(1, run.ib.plan(run.data.size).samples // regime.batch_size)
+    planned = max(1, math.ceil(run.ib.plan(run.data.size).samples / regime.batch_size))
     generator = torch.Generator(device=device).manual_seed(run.seed * 1_000_003 + epoch * 1009)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     trained = steps = 0
@@ -357,8 +359,7 @@ def execute(tasks: list[tuple[str, int, int]], regime: Regime, workdir: str, dev
 
 def matched_epochs(regime: Regime, reference: list[dict]) -> int:
     """Full-data epochs with about as many sample visits as the reference arm trained."""
-    per_epoch = regime.train_images // regime.batch_size * regime.batch_size
-    return max(1, round(statistics.fmean(r["trained"] for r in reference) / per_epoch))
+    return max(1, round(statistics.fmean(r["trained"] for r in reference) / regime.train_images))
 
 
 def run_arms(regime: Regime, arms: list[str], workdir: str, device: str = "cpu", jobs: int = 1,
@@ -398,7 +399,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--short-epochs", type=int, default=None,
                    help="full_short's epochs (default: matched to infobatch's sample visits)")
     for field in ("train_images", "heldout_images", "image_size", "batch_size", "epochs",
-                  "seeds", "lr", "warmup", "eval_timesteps", "eval_every", "norm_smoothing"):
+                  "seeds", "lr", "warmup", "eval_timesteps", "eval_every", "draw_size",
+                  "norm_buckets", "norm_smoothing"):
         kind = float if field in ("lr", "warmup", "norm_smoothing") else int
         p.add_argument(f"--{field.replace('_', '-')}", type=kind, default=None)
     p.add_argument("--channels", default=None, help="UNet widths, e.g. 16,32")
