@@ -368,7 +368,8 @@ def run_arms(regime: Regime, arms: list[str], workdir: str, device: str = "cpu",
     prepare_data(regime, workdir)     # once, before any worker process reads it
     seeds = range(regime.seeds)
     direct = [a for a in arms if "matched_to" not in ARMS[a]]
-    execute([(a, s, regime.epochs) for a in direct for s in seeds], regime, workdir, device,
+    # seed by seed, every arm: a machine whose load drifts weighs on every arm's wall time alike
+    execute([(a, s, regime.epochs) for s in seeds for a in direct], regime, workdir, device,
             jobs, threads)
     results = {a: [cached(workdir, regime, a, s, regime.epochs) for s in seeds] for a in direct}
     for arm in (a for a in arms if "matched_to" in ARMS[a]):

@@ -166,3 +166,47 @@ def plot(result: dict[str, Any], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+# -- the page's table ---------------------------------------------------------------------
+
+def markdown(result: dict[str, Any]) -> str:
+    """The per-arm table and the plateau line of docs/diffusion.md, from a result."""
+    arms, p = result["arms"], result["plateau"]
+    lines = [("| arm | epochs | held-out loss, mean ± sd | per seed | vs full | in full sd "
+             "| samples saved | wall saved | CPU saved | score persistence |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, a in arms.items():
+        persistence = "—" if a["score_persistence"] is None else f"{a['score_persistence']:+.3f}"
+        lines.append(
+            f"| {name} | {a['epochs']} | {a['mean']:.5f} ± {a['sd']:.5f} "
+            f"| {', '.join(f'{v:.5f}' for v in a['final_heldout'])} "
+            f"| {a['diff_vs_full_rel']:+.2%} | {a['diff_in_full_sd']:+.1f} "
+            f"| {a['samples_saved']:.1%} | {a['wall_saved']:.1%} | {a['cpu_saved']:.1%} "
+            f"| {persistence} |")
+    lines += ["", (f"Plateau criterion ({p['criterion']}): the full arm's loss improved by "
+                  f"{p['improvement']:.5f} over epochs {p['window_epochs'][0]}-"
+                  f"{p['window_epochs'][1]} (per seed: "
+                  f"{', '.join(f'{g:.5f}' for g in p['improvement_per_seed'])}), against an sd "
+                  f"of {p['full_sd']:.5f}: **{'met' if p['met'] else 'not met'}**.")]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the table of a saved result; ``--plot PNG`` draws its curves again."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("result", help="a JSON written by bench/diffusion.py --out")
+    parser.add_argument("--plot", default=None)
+    args = parser.parse_args(argv)
+    with open(args.result) as f:
+        result = json.load(f)
+    print(markdown(result))
+    if args.plot:
+        plot(result, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -105,3 +105,13 @@ def test_a_second_invocation_reuses_every_cached_run(bench, tiny, monkeypatch):
     monkeypatch.setattr(bench, "train_arm", must_not_train)
     again = bench.main(args)
     assert again["arms"] == first["arms"]
+
+
+def test_the_docs_table_renders_every_arm_from_the_json(bench, tiny):
+    import diffusion_summary  # next to bench/diffusion.py, which put it on sys.path
+
+    _, _, result = tiny
+    page = diffusion_summary.markdown(result)
+    for name, arm in result["arms"].items():
+        assert f"| {name} | {arm['epochs']} | {arm['mean']:.5f} ± {arm['sd']:.5f} |" in page
+    assert ("**met**" in page) == result["plateau"]["met"]
