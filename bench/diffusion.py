@@ -98,8 +98,8 @@ REGIMES = {
     "full": Regime(train_images=128, heldout_images=256, image_size=8, channels=(16, 32),
                    batch_size=16, epochs=400, lr=3e-3, seeds=3, warmup=2.0, eval_every=8,
                    norm_buckets=10),
-    "quick": Regime(train_images=128, heldout_images=128, image_size=8, channels=(16, 32),
-                    batch_size=16, epochs=32, lr=3e-3, seeds=3, warmup=2.0, eval_every=2,
+    "quick": Regime(train_images=128, heldout_images=64, image_size=8, channels=(16, 32),
+                    batch_size=16, epochs=24, lr=3e-3, seeds=3, warmup=2.0, eval_every=4,
                     norm_buckets=10),
 }
 
@@ -148,7 +148,9 @@ def loader(data: Data, regime: Regime, ib: ibs.InfoBatch, seed: int, epoch: int,
                .decode("torchrgb")
                .to_tuple("png", "__key__", "__weight__", "__score__")
                .map_tuple(lambda image: to_model_range(image, regime.image_size), None, None, None)
-               .batched(regime.batch_size))     # the last, partial batch too: every kept sample
+               .batched(regime.batch_size)      # the last, partial batch too: every kept sample
+               # tensors, not numpy arrays: pin_memory pins only tensors
+               .map_tuple(None, None, torch.as_tensor, torch.as_tensor))
     return wds.WebLoader(dataset, batch_size=None, num_workers=0, pin_memory=pin)
 
 
@@ -222,7 +224,7 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
         pred = run.model(run.scheduler.add_noise(images, noise, t), t).sample
         per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
         scores = None if run.normalizer is None else run.normalizer(per_sample, t, previous)
-        last_scores.append(torch.as_tensor(previous))
+        last_scores.append(previous)
         next_losses.append(run.yardstick(per_sample, t))
         loss = run.ib.update(per_sample, keys, weights, scores=scores)
         for group in run.optimizer.param_groups:
