@@ -16,6 +16,11 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def in_sd(value: float, sd: float) -> float | None:
+    """``value`` in units of ``sd``; None when one seed leaves no sd to measure in."""
+    return value / sd if sd > 0 else None
+
+
 def curves(runs: list[dict]) -> dict[str, list]:
     """Per-epoch held-out loss (None where not evaluated) and cumulative samples trained, per
     seed and their mean over seeds."""
@@ -53,7 +58,7 @@ def summarize_arm(runs: list[dict], full: dict[str, float]) -> dict[str, Any]:
         "seeds": [r["seed"] for r in runs], "epochs": runs[0]["epochs"],
         "final_heldout": final, "mean": mean, "sd": sd,
         "diff_vs_full": diff, "diff_vs_full_rel": diff / full["mean"],
-        "diff_in_full_sd": diff / full["sd"] if full["sd"] > 0 else math.inf,
+        "diff_in_full_sd": in_sd(diff, full["sd"]),
         "diff_se": se, "within_2_full_sd": abs(diff) <= 2 * full["sd"],
         "samples_trained": [r["trained"] for r in runs], "samples_saved": 1 - trained / full["trained"],
         "steps": [r["steps"] for r in runs],
@@ -104,7 +109,7 @@ def verdict(arms: dict[str, dict], min_saved: float = 0.25) -> dict[str, Any]:
                 se = math.sqrt(arms[name]["sd"] ** 2 / len(arms[name]["seeds"])
                                + arms[control]["sd"] ** 2 / len(arms[control]["seeds"]))
                 out[f"{name}_vs_{control}"] = {"gap": gap, "gap_se": se,
-                                               "gap_in_full_sd": gap / arms["full"]["sd"]}
+                                               "gap_in_full_sd": in_sd(gap, arms["full"]["sd"])}
     return out
 
 
@@ -181,7 +186,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {a['epochs']} | {a['mean']:.5f} ± {a['sd']:.5f} "
             f"| {', '.join(f'{v:.5f}' for v in a['final_heldout'])} "
-            f"| {a['diff_vs_full_rel']:+.2%} | {a['diff_in_full_sd']:+.1f} "
+            f"| {a['diff_vs_full_rel']:+.2%} "
+            f"| {'—' if a['diff_in_full_sd'] is None else format(a['diff_in_full_sd'], '+.1f')} "
             f"| {a['samples_saved']:.1%} | {a['wall_saved']:.1%} | {a['cpu_saved']:.1%} "
             f"| {persistence} |")
     lines += ["", (f"Plateau criterion ({p['criterion']}): the full arm's loss improved by "

@@ -115,3 +115,16 @@ def test_the_docs_table_renders_every_arm_from_the_json(bench, tiny):
     for name, arm in result["arms"].items():
         assert f"| {name} | {arm['epochs']} | {arm['mean']:.5f} ± {arm['sd']:.5f} |" in page
     assert ("**met**" in page) == result["plateau"]["met"]
+
+
+def test_one_seed_is_summarized_without_an_sd(bench, tiny):
+    """A single seed (a timing run) has no sd: differences in sd are None, not a crash."""
+    import diffusion_summary
+
+    root, _, result = tiny
+    runs = {name: [json.loads(next((root / "work").glob(f"runs-*/{name}-seed0.json")).read_text())]
+            for name in result["arms"]}
+    one = diffusion_summary.summarize(result["regime"], runs)
+    assert one["arms"]["full"]["sd"] == 0 and one["arms"]["infobatch"]["diff_in_full_sd"] is None
+    assert one["verdict"]["infobatch_vs_random"]["gap_in_full_sd"] is None
+    assert "| infobatch |" in diffusion_summary.markdown(one)
