@@ -206,7 +206,8 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float | None:
 
 
 def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
-    """One epoch through the stage; nothing on the step path waits for the device."""
+    """One epoch through the stage. Nothing of the benchmark's own on the step path waits for
+    the device; ``ib.update`` still copies each batch's scores to the host."""
     regime, device = run.regime, run.device
     planned = max(1, math.ceil(run.ib.plan(run.data.size).samples / regime.batch_size))
     generator = torch.Generator(device=device).manual_seed(run.seed * 1_000_003 + epoch * 1009)
