@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _NAMES = {
     "InfoBatch": "pipeline.infobatch", "StepPlan": "pipeline.planning",
+    "TimestepNormalizer": "pipeline.timestep",
     "EpochPlan": "stages.plan", "EpochRule": "stages.policy",
     "InfoBatchPolicy": "stages.policy", "PruningPolicy": "stages.policy",
     "RandomPolicy": "stages.policy", "annealing_start": "stages.policy",
@@ -41,8 +42,9 @@ __all__ = [
     "InfoBatchPolicy", "Manifest", "NotAStoreError", "OwnershipError", "PruningPolicy",
     "RandomPolicy", "RetryPolicy", "RunLease", "ScoreSnapshot", "ScoreStore",
     "SettingsMismatchError", "StepPlan", "StorageFullError", "StoreError", "StoreUnavailableError",
-    "__version__", "annealing_start", "hash_key", "hash_keys", "parse_storage_options",
-    "register_fsspec_schemes", "sample_key", "set_shard_storage_options", "shard_key",
+    "TimestepNormalizer", "__version__", "annealing_start", "hash_key", "hash_keys",
+    "parse_storage_options", "register_fsspec_schemes", "sample_key", "set_shard_storage_options",
+    "shard_key",
 ]
 
 
@@ -66,6 +68,7 @@ if "webdataset" in sys.modules:  # already paid for: keep "import it, then read 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from .pipeline.infobatch import InfoBatch
     from .pipeline.planning import StepPlan
+    from .pipeline.timestep import TimestepNormalizer
     from .stages.keyfn import sample_key, shard_key
     from .stages.plan import EpochPlan
     from .stages.policy import EpochRule, InfoBatchPolicy, PruningPolicy, RandomPolicy, annealing_start
