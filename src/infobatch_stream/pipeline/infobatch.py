@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from webdataset.handlers import reraise_exception
 
-from ..stages.keyfn import KeyFunction, resolve_key, sample_key
+from ..stages.keyfn import KeyFunction, batch_key_hashes, resolve_key, sample_key
 from ..stages.plan import EpochPlan, plan_epoch
 from ..stages.policy import InfoBatchPolicy, PruningPolicy, RandomPolicy
 from ..stages.prune import DEFAULT_WINDOW, epoch_to_train, lookup_scores, soft_prune
-from ..storage import Manifest, ScoreSnapshot, ScoreStore, hash_keys
+from ..storage import Manifest, ScoreSnapshot, ScoreStore
 from ..storage.checks import check_int
 from . import distributed
 from .planning import StepPlan
@@ -215,7 +215,7 @@ class InfoBatch:
                 "field to update() (e.g. to_tuple(..., '__key_hash__', '__weight__')): the "
                 "'__key__' strings are not the keys the store was given"
             )
-        return hash_keys(keys)
+        return batch_key_hashes(keys)
 
     def _rule(self, epoch: int):
         if self._rule_cache is None or self._rule_cache[0] != epoch:
