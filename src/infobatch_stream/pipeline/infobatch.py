@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from webdataset.handlers import reraise_exception
 
+from ..stages.draws import EpochDraws
 from ..stages.keyfn import KeyFunction, batch_key_hashes, resolve_key, sample_key
 from ..stages.plan import EpochPlan, plan_epoch
 from ..stages.policy import InfoBatchPolicy, PruningPolicy, RandomPolicy
@@ -110,20 +111,30 @@ class InfoBatch:
         self._rule_cache: tuple | None = None  # (epoch, snapshot, rule) for update()'s weights
         self._budget = StepBudget()
         self._tidied = False                   # whether epochs() finished the last commit
+        self.resampled = False                 # stage(epoch_samples=...): keys repeat by design
 
     def __repr__(self) -> str:
         return f"InfoBatch({self.store.url!r}, num_epochs={self.num_epochs}, policy={self.policy})"
 
     # -- the data side ---------------------------------------------------------------------
 
-    def stage(self, handler=reraise_exception):
+    def stage(self, handler=reraise_exception, *, epoch_samples: int | None = None):
         """The pruning stage for ``wds.WebDataset(...).compose(...)`` or ``wds.DataPipeline``.
 
         Put it right after the tar reader, before shuffle and decode. ``handler`` deals with a
-        sample that has no key (``wds.warn_and_continue`` skips it).
+        sample that has no key (``wds.warn_and_continue`` skips it). ``epoch_samples``: for
+        resampled shards (``resampled=True``), each worker's epoch ends after this many
+        samples drawn, before pruning, so pruned samples are not replaced by more draws
+        (``with_epoch(n)`` counts after the stage); the same ``n`` as ``with_epoch(n)`` on
+        the dataset. It also marks this run's repeated keys as expected at commit.
+
+        >>> ds = wds.WebDataset(urls, resampled=True, nodesplitter=wds.split_by_node)  # doctest: +SKIP
+        >>> ds = ds.compose(ib.stage(epoch_samples=5000)).decode("rgb").with_epoch(5000)  # doctest: +SKIP
         """
+        draws = EpochDraws(epoch_samples)
+        self.resampled = self.resampled or epoch_samples is not None
         return soft_prune(self.store, self.policy, key=self.key, window=self.window,
-                          handler=handler)
+                          handler=handler, draws=draws)
 
     def lookup_stage(self, handler=reraise_exception):
         """A stage that only attaches ``__score__`` and ``__key_hash__`` (no pruning)."""
@@ -199,7 +210,8 @@ class InfoBatch:
             error = exc
         distributed.all_ranks_ok(error, f"flushing the scores of epoch {epoch}")
         manifest = distributed.on_rank_zero(
-            lambda: self.store.commit(epoch, run_id=self.run_id, takeover=self.takeover),
+            lambda: self.store.commit(epoch, run_id=self.run_id, takeover=self.takeover,
+                                      duplicates_expected=self.resampled),
             f"committing epoch {epoch}")
         self._epoch = None
         self._recorder = None
@@ -277,11 +289,13 @@ class InfoBatch:
         return plan_epoch(self.policy, epoch, snapshot, dataset_size)
 
     def plan_steps(self, dataset_size: int, batch_size: int, world_size: int | None = None,
-                   drop_last: bool = True) -> StepPlan:
+                   drop_last: bool = True, drawn: int | None = None) -> StepPlan:
         """The run's optimizer steps: exact for the coming epoch, planned for the rest.
 
         The first call fixes the run's step budget (``total_steps``), which ``bound()`` then
-        keeps; it travels in ``state_dict()``. ``batch_size`` is per rank.
+        keeps; it travels in ``state_dict()``. ``batch_size`` is per rank. ``drawn``: with
+        resampled shards, the samples an epoch draws over all ranks (``epoch_samples`` x
+        workers x ranks); each epoch then trains ``drawn`` x its kept share.
 
         >>> plan = ib.plan_steps(dataset_size=50_000, batch_size=128)        # doctest: +SKIP
         >>> sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=plan.total_steps)
@@ -289,7 +303,7 @@ class InfoBatch:
         world_size = distributed.world_size() if world_size is None else world_size
         epoch, snapshot = epoch_to_train(self.store)
         return self._budget.make_plan(self.policy, epoch, self.num_epochs, snapshot, dataset_size,
-                                      batch_size, world_size, drop_last)
+                                      batch_size, world_size, drop_last, drawn)
 
     # -- checkpoints -----------------------------------------------------------------------
 

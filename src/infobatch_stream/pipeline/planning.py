@@ -35,6 +35,8 @@ class StepPlan:
     """Optimizer steps per epoch and for the run (for ``OneCycleLR(total_steps=...)``).
 
     ``batch_size`` is per rank; a step consumes ``batch_size * world_size`` samples.
+    ``drawn``: samples an epoch draws over all ranks, for resampled shards (None: an epoch
+    is one pass over ``dataset_size`` samples).
     """
 
     dataset_size: int
@@ -42,6 +44,7 @@ class StepPlan:
     world_size: int
     drop_last: bool
     epochs: tuple[EpochSteps, ...]
+    drawn: int | None = None
 
     @property
     def total_steps(self) -> int:
@@ -53,7 +56,7 @@ class StepPlan:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StepPlan:
         return cls(data["dataset_size"], data["batch_size"], data["world_size"], data["drop_last"],
-                   tuple(EpochSteps(**e) for e in data["epochs"]))
+                   tuple(EpochSteps(**e) for e in data["epochs"]), data.get("drawn"))
 
 
 def steps_for(samples: int, batch_size: int, world_size: int, drop_last: bool) -> int:
@@ -63,11 +66,18 @@ def steps_for(samples: int, batch_size: int, world_size: int, drop_last: bool) -
 
 def plan_steps(policy: PruningPolicy, first_epoch: int, num_epochs: int, snapshot: ScoreSnapshot,
                dataset_size: int, batch_size: int, world_size: int = 1,
-               drop_last: bool = True) -> StepPlan:
-    """Steps of epochs ``first_epoch .. num_epochs-1``: the first exact, the rest estimated."""
+               drop_last: bool = True, drawn: int | None = None) -> StepPlan:
+    """Steps of epochs ``first_epoch .. num_epochs-1``: the first exact, the rest estimated.
+
+    ``drawn``: resampled shards, each epoch draws this many samples over all ranks (at
+    random, so a pruning epoch's count is an expectation: ``exact`` is False for it).
+    """
     for name, value in (("dataset_size", dataset_size), ("batch_size", batch_size),
                         ("world_size", world_size)):
         check_int(value, name, 1)
+    if drawn is not None:
+        check_int(drawn, "drawn", 1)
+    per_epoch = dataset_size if drawn is None else drawn
     coming = plan_epoch(policy, first_epoch, snapshot, dataset_size)
     if coming.rule.prunes:
         saved_estimate = coming.expected_saved_fraction
@@ -75,14 +85,19 @@ def plan_steps(policy: PruningPolicy, first_epoch: int, num_epochs: int, snapsho
         saved_estimate = policy.prune_ratio * PRIOR_BELOW_MEAN
     else:  # annealing already, or a ratio of 0: nothing is pruned from here on
         saved_estimate = 0.0
-    entries = [EpochSteps(first_epoch, coming.samples,
-                          steps_for(coming.samples, batch_size, world_size, drop_last), True)]
+    if drawn is None:
+        first, first_exact = coming.samples, True
+    else:
+        first, first_exact = round(coming.samples_of(drawn)), not coming.rule.prunes
+    entries = [EpochSteps(first_epoch, first, steps_for(first, batch_size, world_size, drop_last),
+                          first_exact)]
     for epoch in range(first_epoch + 1, num_epochs):
         if policy.anneals(epoch):
-            samples, exact = dataset_size, True
+            samples, exact = per_epoch, True
         else:
-            samples, exact = round(dataset_size * (1.0 - saved_estimate)), False
+            samples, exact = round(per_epoch * (1.0 - saved_estimate)), False
         entries.append(EpochSteps(epoch, samples, steps_for(samples, batch_size, world_size,
                                                             drop_last), exact))
-    return StepPlan(int(dataset_size), int(batch_size), int(world_size), drop_last, tuple(entries))
+    return StepPlan(int(dataset_size), int(batch_size), int(world_size), drop_last, tuple(entries),
+                    None if drawn is None else int(drawn))
 

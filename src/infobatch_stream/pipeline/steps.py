@@ -43,14 +43,15 @@ class StepBudget:
 
     def make_plan(self, policy: PruningPolicy, epoch: int, num_epochs: int,
                   snapshot: ScoreSnapshot, dataset_size: int, batch_size: int, world_size: int,
-                  drop_last: bool) -> StepPlan:
+                  drop_last: bool, drawn: int | None = None) -> StepPlan:
         """The first call fixes the run's total; the same arguments give the same plan back."""
         plan = self.plan
         if plan is not None and (plan.dataset_size, plan.batch_size, plan.world_size,
-                                 plan.drop_last) == (dataset_size, batch_size, world_size, drop_last):
+                                 plan.drop_last, plan.drawn) == (dataset_size, batch_size,
+                                                                 world_size, drop_last, drawn):
             return plan
         self.plan = plan_steps(policy, epoch, num_epochs, snapshot, dataset_size, batch_size,
-                               world_size, drop_last)
+                               world_size, drop_last, drawn)
         self.origin = self.done
         return self.plan
 
@@ -67,7 +68,7 @@ class StepBudget:
         if plan is None or not plan.epochs[0].epoch <= epoch < num_epochs:
             return None
         now = plan_steps(policy, epoch, num_epochs, snapshot, plan.dataset_size,
-                         plan.batch_size, plan.world_size, plan.drop_last)
+                         plan.batch_size, plan.world_size, plan.drop_last, plan.drawn)
         left = plan.total_steps - (self.at_epoch_start - self.origin)
         needed = sum(e.steps for e in now.epochs)
         exact = now.epochs[0].steps

@@ -43,7 +43,8 @@ def check_owner(url: str, manifest: Manifest | None, run_id: str | None, takeove
     )
 
 
-def commit_epoch(store: StoreReader, epoch: int, run_id: str | None, takeover: bool) -> Manifest:
+def commit_epoch(store: StoreReader, epoch: int, run_id: str | None, takeover: bool,
+                 duplicates_expected: bool = False) -> Manifest:
     """``ScoreStore.commit``: see there for the semantics."""
     started = time.time()
     layout.check_epoch(epoch)
@@ -71,11 +72,13 @@ def commit_epoch(store: StoreReader, epoch: int, run_id: str | None, takeover: b
         check_owner(store.url, existing, run_id, takeover)
         return existing
     manifest = _publish(store, manifest, relpath, run_id, takeover)
-    if manifest.duplicates:
+    if manifest.duplicates and not duplicates_expected:
         log.warning(
             "epoch %d: %d updates hit a key already updated in this epoch: keys collide "
-            "(use a shard-qualified key) or a crashed attempt's deltas were merged",
-            epoch, manifest.duplicates)
+            "(use a shard-qualified key), a crashed attempt's deltas were merged, or the "
+            "shards are resampled (resampled=True draws samples more than once; then give the "
+            "stage its epoch length, ib.stage(epoch_samples=n), which also makes pruning save "
+            "compute)", epoch, manifest.duplicates)
     retention.retain(store, manifest, started)
     return manifest
 

@@ -47,7 +47,8 @@ class ScoreStore(StoreReader):
         """A DeltaWriter for the updates of ``epoch`` made on ``rank`` (see ``DeltaWriter``)."""
         return DeltaWriter(self.files, epoch, rank, **kwargs)
 
-    def commit(self, epoch: int, *, run_id: str | None = None, takeover: bool = False) -> Manifest:
+    def commit(self, epoch: int, *, run_id: str | None = None, takeover: bool = False,
+               duplicates_expected: bool = False) -> Manifest:
         """Merge every delta of ``epoch`` present now into the snapshot of ``epoch``.
 
         Epochs commit in order; committing an epoch that is already committed returns its
@@ -56,9 +57,11 @@ class ScoreStore(StoreReader):
         the manifest; a run other than the one that made the latest commit is refused
         (OwnershipError) unless ``takeover``. A commit with a ``run_id`` merges only the
         deltas its own run wrote (and untagged ones): another run's are left out, reported,
-        and removed by retention.
+        and removed by retention. Keys updated twice in the epoch are counted in the manifest
+        and warned about as colliding keys, unless ``duplicates_expected`` (resampled shards
+        draw a sample more than once by design).
         """
-        return commit_epoch(self, epoch, run_id, takeover)
+        return commit_epoch(self, epoch, run_id, takeover, duplicates_expected)
 
     def check_owner(self, run_id: str | None, takeover: bool = False) -> None:
         """Raise OwnershipError if another run owns this store (see ``commit``)."""
