@@ -11,7 +11,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,3 +234,17 @@ def test_decoded_samples_before_the_stage_warn_once(shard_urls, store, monkeypat
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sum(1 for _ in decoded())  # once per process
+
+
+def test_the_readmes_resampled_snippet_runs_and_saves(tmp_path):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Resampled shards (multi-node)", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, check=False,
+                          env=dict(os.environ, OMP_NUM_THREADS="1",
+                                   INFOBATCH_STREAM_CACHE=str(tmp_path / "cache")))
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained = [int(line.split("trained ")[1].split()[0]) for line in done.stdout.splitlines()]
+    assert len(trained) == 6 and trained[0] == trained[5] == 400, done.stdout
+    assert all(t < 400 for t in trained[1:5]), done.stdout  # pruning epochs draw 400, train fewer
