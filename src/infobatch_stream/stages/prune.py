@@ -87,8 +87,8 @@ def warn_if_decoded(sample: dict) -> None:
     global _warned_decoded
     if _warned_decoded or not isinstance(sample, dict):
         return
-    decoded = sorted(name for name, value in sample.items()
-                     if not name.startswith("__") and not isinstance(value, _RAW))
+    decoded = sorted(str(name) for name, value in sample.items()
+                     if not str(name).startswith("__") and not isinstance(value, _RAW))
     if decoded:
         _warned_decoded = True
         warnings.warn(
