@@ -238,7 +238,7 @@ def check_bf16(context: dict[str, Any]) -> dict[str, Any]:
     generator = torch.Generator(device="cpu").manual_seed(0)
     loss = torch.rand(4096, generator=generator).to(device=device, dtype=torch.bfloat16)
     weights = torch.full((4096,), 1 / (1 - 0.3), dtype=torch.float32, device=device)
-    keys = torch.arange(4096, dtype=torch.int64, device=device)
+    keys = torch.from_numpy(ibs.hash_keys([f"sample-{i:05d}" for i in range(4096)])).to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         returned = ib.update(loss, keys, weights)
     ib.end_epoch()

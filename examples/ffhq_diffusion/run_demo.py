@@ -8,9 +8,12 @@
 3. ``train.py`` with InfoBatch and with ``--no-prune`` (the baseline: same code, r=0), each
    with several seeds (``--modes baseline,infobatch,random`` adds random pruning at
    InfoBatch's budget), run as subprocesses, ``--jobs`` at a time; the command lines are
-   printed so each run can be repeated by hand;
-4. a report: share of samples saved, held-out denoising loss of each mode (mean and
-   seed-to-seed sd), training time; also written to ``WORKDIR/report.md``.
+   printed so each run can be repeated by hand, and each run's epochs are reported on the
+   console as they finish;
+4. a report: samples pruned by the stage and samples saved over the run, held-out denoising
+   loss of each mode (mean and seed-to-seed sd), training time; also written to
+   ``WORKDIR/report.md``, with ``WORKDIR/samples.png`` (held-out real faces beside each
+   mode's generated ones, seed 0, at the training resolution, 96 px per face on screen).
 
 Every run writes its checkpoint, ``samples.png``, ``curves.png`` and ``summary.json`` under
 ``WORKDIR/runs/<mode>-seed<k>/``.
@@ -20,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -41,6 +46,12 @@ DEMO = {
     "eval_timesteps": 8, "seeds": 3,
 }
 MODES = {"baseline": ["--no-prune"], "infobatch": [], "random": ["--policy", "random"]}
+SAMPLE_IMAGES = 36
+FACE_PIXELS = 96  # on screen, per face: train.py upscales its samples to this, and so do we
+# train.py's per-epoch line, for the console's compact progress
+EPOCH_LINE = re.compile(r"epoch\s+(?P<epoch>\d+)/(?P<epochs>\d+)\s+trained\s+(?P<trained>\d+)\s+"
+                        r"pruned\s+\d+\s+\(\s*(?P<pruned>[\d.]+)%\).*?held-out (?P<heldout>\S+)"
+                        r".*?(?P<seconds>[\d.]+)s \(")
 
 
 def train_command(args, shards: str, heldout: str, out: str, seed: int, mode: str,
@@ -52,14 +63,33 @@ def train_command(args, shards: str, heldout: str, out: str, seed: int, mode: st
         "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--model", "tiny",
         "--channels", args.channels, "--eval-images", str(args.heldout_images),
         "--eval-timesteps", str(args.eval_timesteps), "--seed", str(seed), "--workers", "0",
-        "--threads", str(threads), "--sample-images", "36", *MODES[mode],
+        "--threads", str(threads), "--sample-images", str(SAMPLE_IMAGES), *MODES[mode],
     ]
 
 
+def progress(name: str, path: str, offset: int) -> int:
+    """Print the epochs a run's log gained since ``offset``, one compact line each; returns the
+    new offset (only whole lines are consumed)."""
+    with open(path) as f:
+        f.seek(offset)
+        text = f.read()
+    done = text.rfind("\n") + 1
+    for line in text[:done].splitlines():
+        match = EPOCH_LINE.search(line)
+        if match:
+            m = match.groupdict()
+            print(f"  {name:<16} epoch {int(m['epoch']):2d}/{m['epochs']}  trained {m['trained']:>5}"
+                  f"  pruned {float(m['pruned']):4.1f}%  held-out {m['heldout']}"
+                  f"  {float(m['seconds']):4.1f}s", flush=True)
+    return offset + len(text[:done].encode())
+
+
 def run_all(commands: list[tuple[str, list[str]]], jobs: int, logs: str) -> dict[str, float]:
-    """Run the commands, ``jobs`` at a time; returns each one's wall time. Raises on failure."""
+    """Run the commands, ``jobs`` at a time, printing each run's epochs as they finish;
+    returns each one's wall time. Raises on failure."""
     pending = list(commands)
     running: dict[str, tuple[subprocess.Popen, float, object]] = {}
+    offsets: dict[str, int] = {}
     walls: dict[str, float] = {}
     while pending or running:
         while pending and len(running) < jobs:
@@ -69,9 +99,12 @@ def run_all(commands: list[tuple[str, list[str]]], jobs: int, logs: str) -> dict
             print(f"  start {name}: {shlex.join(command)}", flush=True)
             running[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT),
                              time.perf_counter(), log)
+            offsets[name] = 0
         time.sleep(0.2)
         for name, (process, started, log) in list(running.items()):
-            if process.poll() is None:
+            finished = process.poll() is not None
+            offsets[name] = progress(name, os.path.join(logs, f"{name}.log"), offsets[name])
+            if not finished:
                 continue
             log.close()
             del running[name]
@@ -87,54 +120,82 @@ def run_all(commands: list[tuple[str, list[str]]], jobs: int, logs: str) -> dict
     return walls
 
 
+def mode_stats(runs: list[dict]) -> dict:
+    """A mode's means over its seeds: loss (and sd), samples trained, pruning, time."""
+    losses = [s["final_heldout_loss"] for s in runs]
+    pruning = [h for s in runs for h in s["history"] if h["pruned"] > 0]
+    return {
+        "loss": statistics.mean(losses), "n": len(runs),
+        "sd": statistics.stdev(losses) if len(losses) > 1 else float("nan"),
+        "trained": statistics.mean(s["trained"] for s in runs),
+        "let_through": statistics.mean(s["dataset_size"] * s["epochs"] - s["pruned"] for s in runs),
+        "stage": statistics.mean(s["saving"] for s in runs),
+        "pruning_epochs": sorted({h["epoch"] for h in pruning}),
+        "per_pruning_epoch": (sum(h["pruned"] for h in pruning)
+                              / sum(h["dataset_size"] for h in pruning)) if pruning else 0.0,
+        "wall": statistics.mean(s["train_seconds"] for s in runs),
+        "cpu": statistics.mean(s["train_cpu_seconds"] for s in runs),
+    }
+
+
+def epochs_text(epochs: list[int]) -> str:
+    if not epochs:
+        return "no epoch"
+    return f"epochs {epochs[0]}-{epochs[-1]}" if len(epochs) > 1 else f"epoch {epochs[0]}"
+
+
+def mode_line(mode: str, m: dict, base: dict, epochs: int) -> str:
+    """One mode against the baseline: what the stage pruned, what the run saved, the loss."""
+    diff = m["loss"] - base["loss"]
+    within = abs(diff) <= 2 * base["sd"]
+    saved = 1 - m["trained"] / base["trained"]
+    other = (m["let_through"] - m["trained"]) / base["trained"]
+    return (
+        f"- {mode}: samples saved **{100 * saved:.1f}%** over the run ({m['trained']:.0f} "
+        f"trained against {base['trained']:.0f}). The stage pruned "
+        f"{100 * m['per_pruning_epoch']:.1f}% of the samples of each pruning epoch "
+        f"({epochs_text(m['pruning_epochs'])} of 0-{epochs - 1}), {100 * m['stage']:.1f}% of all "
+        f"epochs' samples; the other {100 * other:.1f} points are incomplete last batches, "
+        f"which every run drops (batched(partial=False)). Held-out loss **{m['loss']:.4f}** "
+        f"(sd {m['sd']:.4f}), {diff:+.4f} = {diff / base['loss']:+.1%} = "
+        f"{diff / base['sd']:+.1f} baseline sd: "
+        + ("**within the seed-to-seed noise** (|difference| <= 2 sd)" if within else
+           "**not within the seed-to-seed noise** (|difference| > 2 sd)")
+        + f"; {m['wall']:.0f}s wall / {m['cpu']:.0f}s CPU of training per run "
+        f"({1 - m['cpu'] / base['cpu']:.0%} less CPU: the compute saved)")
+
+
 def report(summaries: dict[str, dict], walls: dict[str, float], args, total: float) -> str:
     """The report as Markdown: one row per run, then the comparison with the baseline."""
-    lines = [("| run | seed | samples trained | pruned by the stage | steps | held-out loss "
-              "| training wall / CPU | process wall |"), "|---|---|---|---|---|---|---|---|"]
+    lines = [("| run | seed | samples trained | pruned by the stage (all epochs) | steps "
+              "| held-out loss | training wall / CPU | process wall |"),
+             "|---|---|---|---|---|---|---|---|"]
     for name, s in sorted(summaries.items(), key=lambda kv: (kv[1]["mode"], kv[1]["seed"])):
         lines.append(f"| {s['mode']} | {s['seed']} | {s['trained']} | {100 * s['saving']:.1f}% "
                      f"| {s['steps']} | {s['final_heldout_loss']:.4f} "
                      f"| {s['train_seconds']:.0f}s / {s['train_cpu_seconds']:.0f}s "
                      f"| {walls[name]:.0f}s |")
-
     by_mode: dict[str, list[dict]] = {}
     for s in summaries.values():
         by_mode.setdefault(s["mode"], []).append(s)
-
-    def stats(mode):
-        runs = by_mode[mode]
-        losses = [s["final_heldout_loss"] for s in runs]
-        sd = statistics.stdev(losses) if len(losses) > 1 else float("nan")
-        return {"loss": statistics.mean(losses), "sd": sd, "n": len(runs),
-                "trained": sum(s["trained"] for s in runs) / len(runs),
-                "stage": statistics.mean(s["saving"] for s in runs),
-                "wall": statistics.mean(s["train_seconds"] for s in runs),
-                "cpu": statistics.mean(s["train_cpu_seconds"] for s in runs)}
-
-    base = stats("baseline")
-    lines += ["", (f"Held-out denoising loss: noise-prediction MSE on {args.heldout_images} "
-                   f"held-out faces (ids not in the training shards) x {args.eval_timesteps} "
-                   f"fixed timesteps, fixed noise; the same problems for every run. "
-                   f"Seed-to-seed noise: the sd of the baseline's loss over its {base['n']} "
-                   f"seeds (a seed sets the model's init, the timesteps, noise, flips and "
-                   f"shuffles)."), "",
+    base = mode_stats(by_mode["baseline"])
+    lines += ["", ("**Pruned by the stage**: the samples the pruning stage dropped, as a share "
+                   "of an epoch's samples; epoch 0 (no scores yet) and the annealing epochs "
+                   "prune nothing, so the share over all epochs is lower than over the pruning "
+                   "epochs. **Saved**: the samples not trained over the whole run, against the "
+                   "baseline's count; that is what saves compute (the training CPU time falls "
+                   "with it)."), "",
+              (f"Held-out denoising loss: noise-prediction MSE on {args.heldout_images} "
+               f"held-out faces (ids not in the training shards) x {args.eval_timesteps} "
+               f"fixed timesteps, fixed noise; the same problems for every run. "
+               f"Seed-to-seed noise: the sd of the baseline's loss over its {base['n']} "
+               f"seeds (a seed sets the model's init, the timesteps, noise, flips and "
+               f"shuffles)."), "",
               (f"- baseline: held-out loss **{base['loss']:.4f}** (sd {base['sd']:.4f}), "
                f"{base['trained']:.0f} samples, {base['wall']:.0f}s wall / {base['cpu']:.0f}s "
                f"CPU of training per run")]
     for mode in (m for m in MODES if m != "baseline" and m in by_mode):
-        m = stats(mode)
-        diff = m["loss"] - base["loss"]
-        within = abs(diff) <= 2 * base["sd"]
-        lines.append(
-            f"- {mode}: samples saved **{100 * (1 - m['trained'] / base['trained']):.1f}%** "
-            f"(the stage pruned {100 * m['stage']:.1f}% of all epochs' samples; epoch 0 and "
-            f"the annealing epochs train on everything); held-out loss **{m['loss']:.4f}** "
-            f"(sd {m['sd']:.4f}), {diff:+.4f} = {diff / base['loss']:+.1%} = "
-            f"{diff / base['sd']:+.1f} baseline sd: "
-            + ("**within the seed-to-seed noise** (|difference| <= 2 sd)" if within else
-               "**not within the seed-to-seed noise** (|difference| > 2 sd)")
-            + f"; {m['wall']:.0f}s wall / {m['cpu']:.0f}s CPU of training per run "
-            f"({1 - m['cpu'] / base['cpu']:.0%} less CPU)")
+        lines.append(mode_line(mode, mode_stats(by_mode[mode]), base, args.epochs))
     lines.append(f"- whole demo: {total:.0f}s wall ({args.jobs} runs at a time, "
                  f"{os.cpu_count()} CPUs)")
     return "\n".join(lines)
@@ -161,6 +222,51 @@ def comparison_png(summaries: dict[str, dict], path: str) -> None:
     left.set_ylabel("held-out denoising loss")
     left.set_yscale("log")
     left.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def face_grid(images: list, scale: int):
+    """Faces side by side in a square grid, each upscaled ``scale`` times (nearest: the pixels
+    the model sees), as train.py lays out its samples."""
+    from PIL import Image
+
+    size = images[0].size[0]
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    grid = Image.new("RGB", (cols * size, rows * size), "white")
+    for i, image in enumerate(images):
+        grid.paste(image.convert("RGB"), ((i % cols) * size, (i // cols) * size))
+    return grid.resize((cols * size * scale, rows * size * scale), Image.NEAREST)
+
+
+def samples_png(args, data: str, runs: str, modes: list[str], path: str) -> None:
+    """Held-out real faces at the training resolution beside each mode's samples (seed 0)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    heldout = make_shards.list_images(data, ids=(args.train_images,
+                                                 args.train_images + args.heldout_images))
+    real = [Image.open(io.BytesIO(make_shards.encode(file, args.image_size)[1]))
+            for _, file in heldout[:SAMPLE_IMAGES]]
+    panels = [(f"held-out faces at {args.image_size}x{args.image_size} (never trained)",
+               face_grid(real, max(1, FACE_PIXELS // args.image_size)))]
+    for mode in modes:
+        panels.append((f"{mode}, seed 0: generated", Image.open(
+            os.path.join(runs, f"{mode}-seed0", "samples.png")).convert("RGB")))
+    width = sum(p.size[0] for _, p in panels) + 40 * len(panels)
+    height = max(p.size[1] for _, p in panels) + 60
+    fig, axes = plt.subplots(1, len(panels), figsize=(width / 100, height / 100), dpi=100)
+    for ax, (title, picture) in zip(axes, panels, strict=True):
+        ax.imshow(picture, interpolation="nearest")
+        ax.set_title(title, fontsize=11)
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -220,9 +326,12 @@ def main(argv: list[str] | None = None) -> None:
     with open(os.path.join(args.workdir, "report.md"), "w") as f:
         f.write(text + "\n")
     comparison_png(summaries, os.path.join(args.workdir, "comparison.png"))
+    samples_png(args, data, runs, modes, os.path.join(args.workdir, "samples.png"))
     print(text)
     print(f"\nper run: {runs}/<run>/samples.png, curves.png, summary.json; all runs: "
-          f"{os.path.join(args.workdir, 'comparison.png')}, {os.path.join(args.workdir, 'report.md')}")
+          f"{os.path.join(args.workdir, 'comparison.png')}, "
+          f"{os.path.join(args.workdir, 'samples.png')} (real and generated faces side by "
+          f"side), {os.path.join(args.workdir, 'report.md')}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     infobatch-stream inspect s3://bucket/runs/ffhq/scores --storage-option endpoint_url=http://minio:9000
     infobatch-stream inspect ./scores --epoch 4 --prune-ratio 0.3 --json
     infobatch-stream export ./scores s3://bucket/reports/epoch4.parquet --epoch 4
-    infobatch-stream plot ./scores scores.png --bins 80
+    infobatch-stream export ./scores scores.parquet --shards 'train-{000000..000099}.tar'
+    infobatch-stream plot ./scores scores.png --bins 80 --log
 
 A bad URL, a URL that holds no store, or a damaged store prints one line naming the file or
 URL at fault to stderr and exits with status 2 (as a usage error does).
@@ -24,11 +25,18 @@ import numpy as np
 from . import __version__
 from .stages.plan import plan_epoch
 from .stages.policy import InfoBatchPolicy, RandomPolicy, check_prune_ratio
-from .storage import Manifest, ScoreSnapshot, ScoreStore, StoreError, fsio, layout
+from .storage import Manifest, ScoreSnapshot, ScoreStore, StoreError, fsio, hash_keys, layout
 from .storage.options import add_storage_option_argument
 
 QUANTILES = (("min", 0.0), ("p1", 0.01), ("p10", 0.10), ("p25", 0.25), ("p50", 0.50),
              ("p75", 0.75), ("p90", 0.90), ("p99", 0.99), ("max", 1.0))
+# On a linear axis from 0 to max, scores under max/50 share the first of 50 bins: past this
+# max/median, half the keys would sit in one bar and the shape of the bulk be invisible.
+SKEW_RATIO = 50.0
+# A log axis spans at most this many decades below the top score; lower scores (zeros,
+# negatives, denormals) are counted in the first bin, at the floor.
+LOG_DECADES = 6
+_MEDIAN_SAMPLE = 1_000_000  # scores looked at to choose the axis (every k-th, k >= 1)
 EPOCH_FIELDS = ("epoch", "keys", "updated", "new_keys", "duplicates", "rejected_nonfinite",
                 "mean", "created_at", "run_id")  # of each retained epoch's manifest
 
@@ -92,11 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="the .parquet file to write: a path or an fsspec URL "
                         "(written whole or not at all)")
     export.add_argument("--epoch", type=_non_negative, help="default: the latest committed epoch")
+    export.add_argument("--shards", action="append", default=[], metavar="PATTERN",
+                        help="shards to read the key strings from (a path, URL or brace pattern; "
+                        "repeatable): adds a 'key' column, null for keys not in these shards")
+    export.add_argument("--key", choices=["key", "shard"], default="key",
+                        help="the run's key: 'key' (__key__, the default) or 'shard' (shard file "
+                        "name + '/' + __key__, as InfoBatch(key='shard'))")
     export.set_defaults(run=_export)
 
     plot = commands.add_parser("plot", parents=[store], help="score histogram per retained epoch")
     plot.add_argument("out", help="the .png file to write: a path or an fsspec URL")
     plot.add_argument("--bins", type=_positive, default=50, help="histogram bins (default 50)")
+    axis = plot.add_mutually_exclusive_group()
+    axis.add_argument("--log", action="store_const", const=True, dest="log", default=None,
+                      help="log-spaced bins on a log x axis (default: when the scores are "
+                      f"strongly right-skewed, max/median > {SKEW_RATIO:g})")
+    axis.add_argument("--linear", action="store_const", const=False, dest="log",
+                      help="a linear x axis whatever the scores")
     plot.set_defaults(run=_plot)
     return parser
 
@@ -343,10 +363,93 @@ def _export(args: argparse.Namespace) -> int:
         raise CliError(f"{args.url}: no epoch is committed yet; there is no snapshot to export")
     snap = store.snapshot(args.epoch)
     meta = {"store": args.url, "epoch": snap.epoch, "mean": snap.mean}
-    table = snap.to_arrow().replace_schema_metadata({"infobatch_stream": json.dumps(meta)})
+    table, note = snap.to_arrow(), ""
+    if args.shards:
+        column, note = _key_column(snap, _read_shard_keys(args))
+        table = table.add_column(0, "key", column)
+        meta["key"] = args.key
+    table = table.replace_schema_metadata({"infobatch_stream": json.dumps(meta)})
     _write_output(args.out, args, lambda tmp: pq.write_table(table, tmp))
-    print(f"wrote {len(snap):,} keys of epoch {snap.epoch} to {args.out}")
+    print(f"wrote {len(snap):,} keys of epoch {snap.epoch} to {args.out}{note}")
     return 0
+
+
+def _read_shard_keys(args: argparse.Namespace) -> list[str]:
+    from .stages.shardkeys import shard_key_strings  # loads webdataset: only when asked
+
+    try:
+        return shard_key_strings(args.shards, args.key, dict(args.storage_options))
+    except (OSError, ValueError) as exc:  # tarfile.ReadError is an OSError too
+        raise CliError(f"reading the keys of --shards {' '.join(args.shards)}: "
+                       f"{type(exc).__name__}: {exc}") from None
+
+
+def _key_column(snap: ScoreSnapshot, keys: list[str]) -> tuple[Any, str]:
+    """The key string of each snapshot row (null where no shard holds it), and a report line.
+
+    Rows and keys are joined on the store's hash: the snapshot is sorted by it.
+    """
+    import pyarrow as pa
+
+    hashes, first = np.unique(hash_keys(keys), return_index=True)
+    pos = np.searchsorted(snap.hashes, hashes)
+    found = pos < len(snap)
+    found[found] = snap.hashes[pos[found]] == hashes[found]
+    strings = np.full(len(snap), None, object)
+    strings[pos[found]] = np.asarray(keys, object)[first[found]]
+    rows = int(found.sum())
+    note = (f"; key strings from {len(keys):,} samples of the shards: {rows:,} of {len(snap):,} "
+            f"rows have one ({len(snap) - rows:,} null: not in these shards), "
+            f"{len(hashes) - rows:,} distinct shard keys have no score")
+    return pa.array(strings, pa.string()), note
+
+
+def skew_ratio(scores: Sequence[np.ndarray]) -> float:
+    """max/median of the scores (inf when the median is 0 and the max is not; 0 if none).
+
+    >>> skew_ratio([np.float32([0.1, 0.2, 30.0])])
+    150.0
+    """
+    scores = [s for s in scores if len(s)]
+    if not scores:
+        return 0.0
+    sample = np.concatenate([s[::max(1, len(s) // _MEDIAN_SAMPLE)] for s in scores])
+    top, median = float(max(map(np.max, scores))), float(np.median(sample))
+    if top <= 0:
+        return 0.0
+    return float("inf") if median <= 0 else top / median
+
+
+def wants_log_axis(scores: Sequence[np.ndarray]) -> bool:
+    """Whether a histogram of these scores needs a log x axis: non-negative, strongly skewed.
+
+    >>> wants_log_axis([np.float32([0.01] * 9 + [5.0])]), wants_log_axis([np.float32([1, 2, 3])])
+    (True, False)
+    """
+    known = [s for s in scores if len(s)]
+    if not known or min(map(np.min, known)) < 0:  # a log axis cannot show negative scores
+        return False
+    return skew_ratio(known) > SKEW_RATIO
+
+
+def log_bins(scores: Sequence[np.ndarray], bins: int) -> tuple[np.ndarray, float]:
+    """Log-spaced bin edges over all the scores, and the floor below which scores are counted
+    in the first bin (the smallest positive score, at most ``LOG_DECADES`` below the top).
+
+    >>> edges, floor = log_bins([np.float32([0.0, 0.1, 10.0])], 2)
+    >>> edges.tolist(), floor
+    ([0.1, 1.0, 10.0], 0.1)
+    """
+    positive = [s[s > 0] for s in scores if len(s)]
+    positive = [p for p in positive if len(p)]
+    if not positive:
+        return np.geomspace(1.0, 10.0, bins + 1), 1.0
+    top = float(max(map(np.max, positive)))
+    # a float32 value, so that float32 scores raised to the floor land on the first edge
+    floor = float(np.float32(max(float(min(map(np.min, positive))), top * 10.0 ** -LOG_DECADES)))
+    if top <= floor:
+        top = floor * 10.0
+    return np.geomspace(floor, top, bins + 1), floor
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -362,24 +465,43 @@ def _plot(args: argparse.Namespace) -> int:
         raise CliError("plot needs matplotlib: pip install 'infobatch-stream[plot]'") from None
     snaps = [store.snapshot(e) for e in epochs]  # memory-mapped: holding them is cheap
     known = [s.scores for s in snaps if len(s)]
-    span = (min(map(np.min, known)), max(map(np.max, known))) if known else (0.0, 1.0)
+    log = wants_log_axis(known) if args.log is None else args.log
+    if log:
+        edges, floor = log_bins(known, args.bins)
+        why = "as asked" if args.log else f"max/median = {skew_ratio(known):.4g} > {SKEW_RATIO:g}"
+    else:
+        span = (min(map(np.min, known)), max(map(np.max, known))) if known else (0.0, 1.0)
+        edges, floor = np.linspace(float(span[0]), float(span[1]), args.bins + 1), None
     fig = Figure(figsize=(7, 0.6 + 2.0 * len(snaps)), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(snaps), 1, sharex=True, squeeze=False)[:, 0]
     for ax, snap in zip(axes, snaps, strict=True):
-        ax.set_ylabel("keys")
-        if not len(snap):
-            ax.set_title(f"epoch {snap.epoch}: no scores", fontsize=10)
-            continue
-        counts, edges = np.histogram(snap.scores, bins=args.bins, range=span)
-        ax.stairs(counts, edges, fill=True, alpha=0.75)
-        ax.axvline(snap.mean, color="C3", linestyle="--")
-        ax.text(snap.mean, 0.95, f" mean {snap.mean:.4g}", color="C3", va="top",
-                transform=ax.get_xaxis_transform())
-        below = np.count_nonzero(snap.scores < np.float64(snap.mean)) / len(snap)
-        ax.set_title(f"epoch {snap.epoch}: {len(snap):,} keys, {below:.1%} below the mean",
-                     fontsize=10)
-    axes[-1].set_xlabel("score (last loss)")
+        _histogram(ax, snap, edges, floor)
+    if log:
+        axes[-1].set_xscale("log")
+        axes[-1].set_xlabel(f"score (last loss), log scale; the first bin counts all scores "
+                            f"<= {floor:.3g}, zeros too")
+    else:
+        axes[-1].set_xlabel("score (last loss)")
     _write_output(args.out, args, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    print(f"wrote histograms of epochs {', '.join(map(str, epochs))} to {args.out}")
+    print(f"wrote histograms of epochs {', '.join(map(str, epochs))} to {args.out}"
+          + (f" (log x axis: {why})" if log else ""))
     return 0
+
+
+def _histogram(ax: Any, snap: ScoreSnapshot, edges: np.ndarray, floor: float | None) -> None:
+    """One epoch's panel; with a log axis (``floor`` set) lower scores count at the floor."""
+    ax.set_ylabel("keys")
+    if not len(snap):
+        ax.set_title(f"epoch {snap.epoch}: no scores", fontsize=10)
+        return
+    scores = snap.scores if floor is None else np.maximum(snap.scores, np.float32(floor))
+    counts, _ = np.histogram(scores, bins=edges)
+    ax.stairs(counts, edges, fill=True, alpha=0.75)
+    mean = snap.mean if floor is None else max(snap.mean, floor)
+    ax.axvline(mean, color="C3", linestyle="--")
+    ax.text(mean, 0.95, f" mean {snap.mean:.4g}", color="C3", va="top",
+            transform=ax.get_xaxis_transform())
+    below = np.count_nonzero(snap.scores < np.float64(snap.mean)) / len(snap)
+    ax.set_title(f"epoch {snap.epoch}: {len(snap):,} keys, {below:.1%} below the mean",
+                 fontsize=10)

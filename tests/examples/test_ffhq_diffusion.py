@@ -243,6 +243,21 @@ def test_demo_end_to_end_on_tiny_settings(tmp_path, example_env):
     assert report.count("| infobatch |") == 2 and report.count("| baseline |") == 2
     assert (tmp_path / "demo" / "runs" / "infobatch-seed1" / "samples.png").exists()
     assert (tmp_path / "demo" / "comparison.png").stat().st_size > 0
+    # each run's epochs on the console while it trains, before the report
+    progress = log[:log.index("[4/4] report")]
+    for run_name in ("baseline-seed0", "infobatch-seed1"):
+        assert [line.split()[2] for line in progress.splitlines()
+                if line.split()[:2] == [run_name, "epoch"]] == ["0/3", "1/3", "2/3"]
+    # pruned (a share of the epochs' samples) and saved (over the run) are told apart
+    assert "**Pruned by the stage**" in report and "**Saved**" in report
+    assert "of the samples of each pruning epoch (epoch 1 of 0-2)" in report
+    # real and generated faces side by side, each face at least 64 px
+    from PIL import Image
+
+    with Image.open(tmp_path / "demo" / "samples.png") as picture:
+        assert picture.size[0] >= 3 * 6 * 64 and picture.size[1] >= 6 * 64
+    with Image.open(tmp_path / "demo" / "runs" / "infobatch-seed0" / "samples.png") as grid:
+        assert grid.size[0] >= 6 * 64  # 36 faces, 6 a row
 
 
 @pytest.mark.slow

@@ -57,6 +57,47 @@ def test_update_accepts_key_hashes_from_the_stage(ib):
     assert ib.store.snapshot(0).lookup(["a", "b"]).tolist() == [0.25, 0.75]
 
 
+@pytest.mark.parametrize("keys", [
+    torch.tensor([3, 0, 7, 1]),                       # a label tensor (int64)
+    torch.arange(4, dtype=torch.int32),               # dataset indices
+    np.array([4, 2, 2, 9], np.uint8),
+    [5, 1, 0, 2],                                      # a list of ints
+    torch.tensor([-1, 3, 3, 0]),                      # labels with an "ignore" -1
+])
+def test_labels_or_indices_as_keys_are_refused_naming_the_fields(ib, keys):
+    with pytest.raises(ValueError, match=r"small integers.*'__key__'.*'__key_hash__'"):
+        ib.update(torch.ones(4), keys)
+    with pytest.raises(ValueError, match="small integers"):
+        ib.weights_for(keys)
+    ib.end_epoch()
+    assert len(ib.store.snapshot(0)) == 0  # nothing was recorded
+
+
+@pytest.mark.parametrize("keys", [torch.tensor([0.0, 1.0]), np.array([2.5, 1.0], np.float32),
+                                  [0.5, 1.5], torch.tensor([1.0, 2.0], dtype=torch.bfloat16)])
+def test_float_keys_are_refused_naming_the_fields(ib, keys):
+    with pytest.raises(TypeError, match=r"floating-point.*'__key__'.*'__key_hash__'"):
+        ib.update(torch.ones(2), keys)
+
+
+def test_real_key_hashes_pass_whatever_the_batch_size(ib):
+    hashes = ibs.hash_keys([f"s{i}" for i in range(2000)])
+    # every batch of one real hash; a real hash below 2**32 has probability 2**-32
+    for signed in torch.tensor(hashes.view(np.int64)).split(1):
+        ib.update(torch.ones(1), signed)
+    ib.update(torch.ones(2), ["0", "1"])   # key strings that are digits are still strings
+    ib.end_epoch()
+    assert len(ib.store.snapshot(0)) == 2002
+
+
+def test_low_level_hashing_still_takes_precomputed_integer_hashes(tmp_path):
+    store = ibs.ScoreStore(str(tmp_path / "s"))
+    with store.writer(0) as writer:
+        writer.record(np.arange(3, dtype=np.uint64), np.ones(3, np.float32))
+    store.commit(0)
+    assert store.snapshot(0).lookup(np.arange(3, dtype=np.uint64)).tolist() == [1.0, 1.0, 1.0]
+
+
 def test_update_rejects_reduced_or_mismatched_losses(ib):
     with pytest.raises(ValueError, match="reduction='none'"):
         ib.update(torch.tensor(1.0), ["a"])

@@ -213,6 +213,7 @@ def test_boundary_settings_are_accepted(tmp_path, prune_ratio, delta):
     ibs.InfoBatch(str(tmp_path / "s"), num_epochs=10, prune_ratio=prune_ratio, delta=delta)
 
 
+@pytest.mark.filterwarnings("ignore:the pruning stage ran again")  # iterates twice per epoch
 def test_stage_follows_the_store_to_a_new_epoch_and_reloads_only_then(
         shards, tmp_path, cache_dir, monkeypatch):
     opened = []

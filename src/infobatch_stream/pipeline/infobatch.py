@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from webdataset.handlers import reraise_exception
 
-from ..stages.keyfn import KeyFunction, resolve_key, sample_key
+from ..stages.draws import EpochDraws
+from ..stages.keyfn import KeyFunction, batch_key_hashes, resolve_key, sample_key
 from ..stages.plan import EpochPlan, plan_epoch
 from ..stages.policy import InfoBatchPolicy, PruningPolicy, RandomPolicy
 from ..stages.prune import DEFAULT_WINDOW, epoch_to_train, lookup_scores, soft_prune
@@ -126,20 +127,30 @@ class InfoBatch:
         self._just_ended = False               # end_epoch() ran and no epoch has begun since
         self._in_bound = False                 # inside bound()'s loop: a checkpoint is mid-epoch
         self._lease: RunLease | None = None    # this process's incarnation of the run
+        self.resampled = False                 # stage(epoch_samples=...): keys repeat by design
 
     def __repr__(self) -> str:
         return f"InfoBatch({self.store.url!r}, num_epochs={self.num_epochs}, policy={self.policy})"
 
     # -- the data side ---------------------------------------------------------------------
 
-    def stage(self, handler=reraise_exception):
+    def stage(self, handler=reraise_exception, *, epoch_samples: int | None = None):
         """The pruning stage for ``wds.WebDataset(...).compose(...)`` or ``wds.DataPipeline``.
 
         Put it right after the tar reader, before shuffle and decode. ``handler`` deals with a
-        sample that has no key (``wds.warn_and_continue`` skips it).
+        sample that has no key (``wds.warn_and_continue`` skips it). ``epoch_samples``: for
+        resampled shards (``resampled=True``), each worker's epoch ends after this many
+        samples drawn, before pruning, so pruned samples are not replaced by more draws
+        (``with_epoch(n)`` counts after the stage); the same ``n`` as ``with_epoch(n)`` on
+        the dataset. It also marks this run's repeated keys as expected at commit.
+
+        >>> ds = wds.WebDataset(urls, resampled=True, nodesplitter=wds.split_by_node)  # doctest: +SKIP
+        >>> ds = ds.compose(ib.stage(epoch_samples=5000)).decode("rgb").with_epoch(5000)  # doctest: +SKIP
         """
+        draws = EpochDraws(epoch_samples)
+        self.resampled = self.resampled or epoch_samples is not None
         return soft_prune(self.store, self.policy, key=self.key, window=self.window,
-                          handler=handler)
+                          handler=handler, draws=draws)
 
     def lookup_stage(self, handler=reraise_exception):
         """A stage that only attaches ``__score__`` and ``__key_hash__`` (no pruning)."""
@@ -249,7 +260,8 @@ class InfoBatch:
         epoch = self._begin_epoch()
         job = EpochClose(
             epoch, self._recorder,
-            commit=lambda: self.store.commit(epoch, lease=self._lease, takeover=self.takeover),
+            commit=lambda: self.store.commit(epoch, lease=self._lease, takeover=self.takeover,
+                                              duplicates_expected=self.resampled),
             pruned=self._pruned_counter(epoch),
             optimizer_steps=self._budget.done - self._budget.at_epoch_start,
             annealing=self.policy.anneals(epoch), group=distributed.control_group())
@@ -314,7 +326,7 @@ class InfoBatch:
                 "field to update() (e.g. to_tuple(..., '__key_hash__', '__weight__')): the "
                 "'__key__' strings are not the keys the store was given"
             )
-        return hash_keys(keys)
+        return batch_key_hashes(keys)
 
     def _rule(self, epoch: int):
         if self._rule_cache is None or self._rule_cache[0] != epoch:
@@ -432,14 +444,16 @@ class InfoBatch:
         return plan_epoch(self.policy, epoch, snapshot, dataset_size)
 
     def plan_steps(self, dataset_size: int, batch_size: int, world_size: int | None = None,
-                   drop_last: bool = True, gradient_accumulation_steps: int = 1, *,
-                   replan: bool = False) -> StepPlan:
+                   drop_last: bool = True, gradient_accumulation_steps: int = 1,
+                   drawn: int | None = None, *, replan: bool = False) -> StepPlan:
         """The run's optimizer steps: exact for the coming epoch, planned for the rest.
 
         The first call fixes the run's step budget (``total_steps``), which ``bound()`` then
         keeps; it travels in ``state_dict()``. ``batch_size`` is per rank and micro-batch;
         an optimizer step takes ``gradient_accumulation_steps`` micro-batches per rank (pass
-        the same value to ``bound()``). Called again with other values it refuses, unless
+        the same value to ``bound()``). ``drawn``: with resampled shards, the samples an
+        epoch draws over all ranks (``epoch_samples`` x workers x ranks); each epoch then
+        trains ``drawn`` x its kept share. Called again with other values it refuses, unless
         ``replan=True`` makes a new total from here on (for a new LR schedule). Before any
         score exists the pruned epochs are estimated on the safe side: the run ends a few
         steps short of the total rather than cutting epochs; a cut, if pruning saves less
@@ -453,7 +467,7 @@ class InfoBatch:
         epoch, snapshot = epoch_to_train(self.store)
         return self._budget.make_plan(self.policy, epoch, self.num_epochs, snapshot, dataset_size,
                                       batch_size, world_size, drop_last,
-                                      gradient_accumulation_steps, replan)
+                                      gradient_accumulation_steps, drawn, replan)
 
     # -- checkpoints -----------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..stages.plan import plan_epoch
+from ..stages.plan import EpochPlan, plan_epoch
 from ..stages.policy import PruningPolicy
 from ..storage import ScoreSnapshot
 from ..storage.checks import check_int
@@ -38,7 +38,8 @@ class StepPlan:
     ``batch_size`` is per rank and per micro-batch; an optimizer step takes
     ``gradient_accumulation_steps`` micro-batches on each rank, so an epoch of ``b``
     batches per rank has ``b // gradient_accumulation_steps`` steps (as ``bound()`` yields
-    them).
+    them). ``drawn``: samples an epoch draws over all ranks, for resampled shards (None: an
+    epoch is one pass over ``dataset_size`` samples).
 
     >>> plan = plan_steps(InfoBatchPolicy(2), 0, 2, ScoreSnapshot.empty(), 1000, 10,
     ...                   gradient_accumulation_steps=4)                        # doctest: +SKIP
@@ -52,6 +53,7 @@ class StepPlan:
     drop_last: bool
     epochs: tuple[EpochSteps, ...]
     gradient_accumulation_steps: int = 1
+    drawn: int | None = None
 
     @property
     def total_steps(self) -> int:
@@ -65,7 +67,7 @@ class StepPlan:
         # A plan saved before accumulation was counted had one micro-batch per step.
         return cls(data["dataset_size"], data["batch_size"], data["world_size"], data["drop_last"],
                    tuple(EpochSteps(**e) for e in data["epochs"]),
-                   data.get("gradient_accumulation_steps", 1))
+                   data.get("gradient_accumulation_steps", 1), data.get("drawn"))
 
 
 def steps_for(samples: int, batch_size: int, world_size: int, drop_last: bool,
@@ -76,31 +78,46 @@ def steps_for(samples: int, batch_size: int, world_size: int, drop_last: bool,
     return batches // accumulation
 
 
+def _saved_estimate(policy: PruningPolicy, coming: EpochPlan, snapshot: ScoreSnapshot) -> float:
+    """The share of a pruning epoch's samples expected saved, for the epochs after the next."""
+    if coming.rule.prunes:
+        return coming.expected_saved_fraction
+    if snapshot.mean is None:  # no score yet: a prior for P(score < mean)
+        return policy.prune_ratio * PRIOR_BELOW_MEAN
+    return 0.0  # annealing already, or a ratio of 0: nothing is pruned from here on
+
+
 def plan_steps(policy: PruningPolicy, first_epoch: int, num_epochs: int, snapshot: ScoreSnapshot,
                dataset_size: int, batch_size: int, world_size: int = 1,
-               drop_last: bool = True, gradient_accumulation_steps: int = 1) -> StepPlan:
-    """Steps of epochs ``first_epoch .. num_epochs-1``: the first exact, the rest estimated."""
+               drop_last: bool = True, gradient_accumulation_steps: int = 1,
+               drawn: int | None = None) -> StepPlan:
+    """Steps of epochs ``first_epoch .. num_epochs-1``: the first exact, the rest estimated.
+
+    ``drawn``: resampled shards, each epoch draws this many samples over all ranks (at
+    random, so a pruning epoch's count is an expectation: ``exact`` is False for it).
+    """
     for name, value in (("dataset_size", dataset_size), ("batch_size", batch_size),
                         ("world_size", world_size),
                         ("gradient_accumulation_steps", gradient_accumulation_steps)):
         check_int(value, name, 1)
+    if drawn is not None:
+        check_int(drawn, "drawn", 1)
     k = gradient_accumulation_steps
+    per_epoch = dataset_size if drawn is None else drawn
     coming = plan_epoch(policy, first_epoch, snapshot, dataset_size)
-    if coming.rule.prunes:
-        saved_estimate = coming.expected_saved_fraction
-    elif snapshot.mean is None:  # no score yet: a prior for P(score < mean)
-        saved_estimate = policy.prune_ratio * PRIOR_BELOW_MEAN
-    else:  # annealing already, or a ratio of 0: nothing is pruned from here on
-        saved_estimate = 0.0
-    entries = [EpochSteps(first_epoch, coming.samples,
-                          steps_for(coming.samples, batch_size, world_size, drop_last, k), True)]
+    saved_estimate = _saved_estimate(policy, coming, snapshot)
+    if drawn is None:
+        first, first_exact = coming.samples, True
+    else:
+        first, first_exact = round(coming.samples_of(drawn)), not coming.rule.prunes
+    entries = [EpochSteps(first_epoch, first,
+                          steps_for(first, batch_size, world_size, drop_last, k), first_exact)]
     for epoch in range(first_epoch + 1, num_epochs):
         if policy.anneals(epoch):
-            samples, exact = dataset_size, True
+            samples, exact = per_epoch, True
         else:
-            samples, exact = round(dataset_size * (1.0 - saved_estimate)), False
+            samples, exact = round(per_epoch * (1.0 - saved_estimate)), False
         entries.append(EpochSteps(epoch, samples, steps_for(samples, batch_size, world_size,
                                                             drop_last, k), exact))
     return StepPlan(int(dataset_size), int(batch_size), int(world_size), drop_last, tuple(entries),
-                    int(k))
-
+                    int(k), None if drawn is None else int(drawn))

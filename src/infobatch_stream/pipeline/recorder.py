@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..stages.keyfn import check_key_hashes
 from ..storage import DeltaWriter, hash_keys
 
 
@@ -162,7 +163,9 @@ class ScoreRecorder:
         # failed background flush), so a batch is never lost nor recorded twice.
         entries = [self._queue.popleft() for _ in range(count)]
         self._queued_rows -= sum(e.scores.shape[0] for e in entries)
-        keys = [e.keys if isinstance(e.keys, np.ndarray) else hash_keys(e.keys) for e in entries]
+        # Key tensors copied from a device are checked here, where they land on the host.
+        keys = [e.keys if isinstance(e.keys, np.ndarray) else check_key_hashes(hash_keys(e.keys))
+                for e in entries]
         scores = entries[0].scores if count == 1 else torch.cat([e.scores for e in entries])
         self.writer.record(keys[0] if count == 1 else np.concatenate(keys), scores.numpy())
 

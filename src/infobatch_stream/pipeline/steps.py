@@ -66,21 +66,22 @@ class StepBudget:
 
     def make_plan(self, policy: PruningPolicy, epoch: int, num_epochs: int,
                   snapshot: ScoreSnapshot, dataset_size: int, batch_size: int, world_size: int,
-                  drop_last: bool, accumulation: int = 1, replan: bool = False) -> StepPlan:
+                  drop_last: bool, accumulation: int = 1, drawn: int | None = None,
+                  replan: bool = False) -> StepPlan:
         """The first call fixes the run's total; the same arguments give the same plan back.
 
         Other arguments are refused (a schedule built on the first total would overrun or end
         early) unless ``replan``: a new total for the rest of the run, from the steps done.
         """
         plan = self.plan
-        asked = (dataset_size, batch_size, world_size, drop_last, accumulation)
+        asked = (dataset_size, batch_size, world_size, drop_last, accumulation, drawn)
         if plan is not None and not replan:
             fixed = (plan.dataset_size, plan.batch_size, plan.world_size, plan.drop_last,
-                     plan.gradient_accumulation_steps)
+                     plan.gradient_accumulation_steps, plan.drawn)
             if fixed == asked:
                 return plan
             names = ("dataset_size", "batch_size", "world_size", "drop_last",
-                     "gradient_accumulation_steps")
+                     "gradient_accumulation_steps", "drawn")
             differ = ", ".join(f"{n}={a!r} (planned {f!r})"
                                for n, f, a in zip(names, fixed, asked, strict=True) if f != a)
             raise ValueError(
@@ -89,7 +90,7 @@ class StepBudget:
                 f"would overrun or end early. Pass the same values, or replan=True and build "
                 f"the schedule anew on the new total")
         self.plan = plan_steps(policy, epoch, num_epochs, snapshot, dataset_size, batch_size,
-                               world_size, drop_last, accumulation)
+                               world_size, drop_last, accumulation, drawn)
         self.origin = self.done
         return self.plan
 
@@ -107,10 +108,17 @@ class StepBudget:
             return None
         now = plan_steps(policy, epoch, num_epochs, snapshot, plan.dataset_size,
                          plan.batch_size, plan.world_size, plan.drop_last,
-                         plan.gradient_accumulation_steps)
+                         plan.gradient_accumulation_steps, plan.drawn)
         left = plan.total_steps - (self.at_epoch_start - self.origin)
         needed = sum(e.steps for e in now.epochs)
         exact = now.epochs[0].steps
+        if plan.drawn is not None:
+            # Resampled: the coming epoch's count is an expectation, and its draws may give it
+            # more; it may take whatever the later epochs' estimates leave.
+            spare = left - (needed - exact)
+            if spare >= exact:
+                self.cut_steps = 0
+                return spare
         allowed = exact if needed <= left else max(0, min(exact, left, exact * left // max(needed, 1)))
         self.cut_steps = exact - allowed
         if self.cut_steps and distributed.rank() == 0:

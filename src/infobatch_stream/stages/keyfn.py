@@ -12,9 +12,19 @@ import posixpath
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from ..storage import hash_keys
 
 KeyFunction = Callable[[dict], "str | bytes"]
+
+# A real key hash is a uniform 64-bit value: it lands in [-2**31, 2**32) (seen as int64)
+# with probability 1.5 * 2**-32, so a batch of n genuine hashes is refused with probability
+# (1.5 * 2**-32) ** n: about 3.5e-10 for a batch of one, never in practice for a real batch.
+# Labels, class ids and dataset indices always land there.
+_SMALL_LOW, _SMALL_HIGH = -(1 << 31), 1 << 32
+_WHICH_FIELD = ("pass the batch's '__key__' strings (to_tuple(..., '__key__', ...)), or the "
+                "stage's '__key_hash__' field (required with key='shard' or a key function)")
 
 
 class MissingKeyError(KeyError):
@@ -81,3 +91,53 @@ def resolve_key(key: str | KeyFunction | None) -> KeyFunction:
     if callable(key):
         return key
     raise ValueError(f"key must be 'key', 'shard' or a callable sample -> str, got {key!r}")
+
+
+def _is_float_keys(keys: Any) -> bool:
+    dtype = getattr(keys, "dtype", None)  # a torch tensor or a numpy array, on any device
+    if dtype is not None:
+        return bool(getattr(dtype, "is_floating_point", False)) or getattr(dtype, "kind", "") in ("f", "c")
+    return isinstance(keys, (list, tuple)) and any(isinstance(k, float) for k in keys)
+
+
+def check_key_hashes(hashes: np.ndarray) -> np.ndarray:
+    """Refuse integer keys that cannot be key hashes (labels, indices); return ``hashes``.
+
+    A pure function of the hashes (uint64, or their int64 bit pattern), so it can run
+    wherever they land. A batch is refused only when every key fits in 32 bits.
+
+    >>> check_key_hashes(hash_keys(["a", "b"])).shape
+    (2,)
+    >>> check_key_hashes(np.arange(4, dtype=np.int64))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: the keys are 4 small integers ...
+    """
+    if not len(hashes):
+        return hashes
+    signed = hashes.view(np.int64)
+    if signed.min() >= _SMALL_LOW and signed.max() < _SMALL_HIGH:
+        raise ValueError(
+            f"the keys are {len(hashes)} small integers ({signed[:4].tolist()}...), not key "
+            f"hashes: labels or indices, not the samples' keys. InfoBatch records each "
+            f"sample's score by its key; {_WHICH_FIELD}")
+    return hashes
+
+
+def batch_key_hashes(keys: Any) -> np.ndarray:
+    """The store's key hashes of a training batch's keys, refusing what cannot be keys.
+
+    Strings are hashed; integers are the stage's ``__key_hash__`` and must look like hashes
+    (``check_key_hashes``); floats are never keys. ``hash_keys`` itself still takes any
+    integers as precomputed hashes.
+
+    >>> batch_key_hashes(["00001", "00002"]).dtype
+    dtype('uint64')
+    """
+    if _is_float_keys(keys):
+        dtype = getattr(keys, "dtype", "float")
+        raise TypeError(f"the keys are floating-point numbers ({dtype}), which are never "
+                        f"sample keys (a loss or a label?); {_WHICH_FIELD}")
+    hashes = hash_keys(keys)
+    if not (isinstance(keys, (list, tuple)) and keys and isinstance(keys[0], (str, bytes))):
+        check_key_hashes(hashes)  # strings hash uniformly: only integers need the check
+    return hashes

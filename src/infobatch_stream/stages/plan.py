@@ -45,6 +45,20 @@ class EpochPlan:
         """Samples the epoch will train: kept known keys + unseen keys."""
         return None if self.unseen is None else self.kept_known + self.unseen
 
+    def samples_of(self, drawn: int) -> float:
+        """Expected samples kept of ``drawn`` samples drawn at random from the dataset.
+
+        For resampled shards (``ib.stage(epoch_samples=n)``): an epoch draws ``drawn``
+        samples (n x workers x ranks), each kept with the dataset's kept share, exact from
+        the snapshot (``samples`` / dataset size; without ``dataset_size``, the known keys').
+
+        >>> ib.plan(dataset_size=50_000).samples_of(drawn=20_000)   # doctest: +SKIP
+        13780.0
+        """
+        total = self.known + (self.unseen or 0)
+        kept = self.kept_known + (self.unseen or 0)
+        return float(drawn) if not total else drawn * kept / total
+
 
 def plan_epoch(policy: PruningPolicy, epoch: int, snapshot: ScoreSnapshot,
                dataset_size: int | None = None) -> EpochPlan:

@@ -13,10 +13,15 @@ Fields added to each sample that passes:
 - ``__weight__``: the loss weight (``1/(1-r)`` for a kept below-mean sample, else 1.0);
 - ``__key_hash__``: the store's 64-bit hash of its key, as a signed int (it collates to an
   int64 tensor and ``InfoBatch.update`` accepts it as the key).
+
+``soft_prune(..., draws=EpochDraws(n))`` ends this worker's epoch after ``n`` samples drawn
+(``stages.draws``: resampled shards); a stage that finds its samples already decoded warns
+once per process (the decode of every pruned sample was wasted).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from itertools import compress, islice
 from operator import itemgetter
@@ -27,6 +32,7 @@ from webdataset.handlers import reraise_exception
 
 from ..storage import ScoreSnapshot, ScoreStore, hash_keys
 from . import urls
+from .draws import EpochDraws
 from .keyfn import KeyFunction, key_hash, sample_key
 from .policy import EpochRule, PruningPolicy
 
@@ -41,6 +47,9 @@ DEFAULT_WINDOW = 256
 # The default key's C-level equivalent, for the fast path; a KeyError from it sends the
 # window to the slow path, where ``sample_key`` raises its explanatory error.
 _FAST_SAMPLE_KEY = itemgetter("__key__")
+# What the tar reader hands over: payloads are still bytes. Anything else was decoded.
+_RAW = (bytes, bytearray, memoryview)
+_warned_decoded = False
 
 
 def epoch_to_train(store: ScoreStore) -> tuple[int, ScoreSnapshot]:
@@ -77,20 +86,44 @@ def _one_by_one(samples: list, key: KeyFunction, handler) -> tuple[list, np.ndar
     return good, np.array(hashes, np.uint64), stop
 
 
-def _windows(data: Iterable[dict], key: KeyFunction, window: int,
-             handler) -> Iterator[tuple[list, np.ndarray]]:
+def warn_if_decoded(sample: dict) -> None:
+    """Warn once per process when a sample's payload fields are no longer raw bytes."""
+    global _warned_decoded
+    if _warned_decoded or not isinstance(sample, dict):
+        return
+    decoded = sorted(str(name) for name, value in sample.items()
+                     if not str(name).startswith("__") and not isinstance(value, _RAW))
+    if decoded:
+        _warned_decoded = True
+        warnings.warn(
+            f"the pruning stage sees decoded samples (fields {decoded} of a sample of "
+            f"{sample.get('__url__', 'an unknown shard')} are not bytes): the stage comes after "
+            f"decode, so pruned samples were decoded for nothing; put .compose(ib.stage()) "
+            f"right after the tar reader (wds.WebDataset(...)), before .decode() and .map()",
+            stacklevel=2)
+
+
+def _windows(data: Iterable[dict], key: KeyFunction, window: int, handler,
+             draws: EpochDraws | None = None) -> Iterator[tuple[list, np.ndarray]]:
     """Group samples into windows of ``window`` with their key hashes; bad samples go to ``handler``.
 
     The common case runs in C: ``islice`` cuts the window, ``map`` takes every key and
     ``hash_keys`` hashes them at once. Only a window in which some key fails (missing, or
-    not a string) is redone one sample at a time, through ``handler``.
+    not a string) is redone one sample at a time, through ``handler``. ``draws`` counts
+    the samples drawn (the source is already cut at what the epoch has left).
     """
     fast_key = _FAST_SAMPLE_KEY if key is sample_key else key
     source = iter(data)
+    first = True
     while True:
         samples = list(islice(source, window))
+        if draws is not None:
+            draws.took(len(samples))
         if not samples:
             return
+        if first:  # one sample per pass: decoding is a property of the pipeline, not the sample
+            warn_if_decoded(samples[0])
+            first = False
         try:
             hashes = hash_keys(list(map(fast_key, samples)))
         except Exception:
@@ -117,11 +150,18 @@ def _lookup_scores(data, store: ScoreStore, key: KeyFunction = sample_key,
 
 
 def _soft_prune(data, store: ScoreStore, policy: PruningPolicy, key: KeyFunction = sample_key,
-                window: int = DEFAULT_WINDOW, handler=reraise_exception):
-    """Look up, soft-prune, rescale and anneal: drop samples by ``policy``, weight the rest."""
+                window: int = DEFAULT_WINDOW, handler=reraise_exception,
+                draws: EpochDraws | None = None):
+    """Look up, soft-prune, rescale and anneal: drop samples by ``policy``, weight the rest.
+
+    ``draws``: this worker's samples drawn in the epoch; with an epoch length it ends the
+    epoch after that many samples drawn (resampled shards), see ``stages.draws``.
+    """
     epoch, snapshot = epoch_to_train(store)
     rule: EpochRule = policy.rule(epoch, snapshot)
-    for samples, hashes in _windows(data, key, window, handler):
+    if draws is not None:
+        data = draws.begin(epoch, data)
+    for samples, hashes in _windows(data, key, window, handler, draws):
         scores = snapshot.lookup(hashes)
         weights = rule.weights(hashes, scores)
         kept = weights != 0

@@ -120,8 +120,9 @@ def warn_duplicates(epoch: int, duplicates: int, chosen: Selection, expected: bo
     if not leased:  # no incarnations to tell a re-run's deltas from the crashed attempt's
         log.warning(
             "epoch %d: %d updates hit a key already updated in this epoch: keys collide (use a "
-            "shard-qualified key), a crashed attempt's deltas were merged, or the stream is "
-            "resampled (commit with duplicates_expected=True)", epoch, duplicates)
+            "shard-qualified key), or a crashed attempt's deltas were merged. Resampled shards "
+            "repeat keys by design: give InfoBatch's stage its epoch length, "
+            "ib.stage(epoch_samples=n) (or commit with duplicates_expected=True)", epoch, duplicates)
         return
     if chosen.inherited_merged:
         log.warning(
@@ -132,5 +133,6 @@ def warn_duplicates(epoch: int, duplicates: int, chosen: Selection, expected: bo
         return
     log.warning(
         "epoch %d: %d updates hit a key already updated in this epoch: keys collide "
-        "(use a shard-qualified key; for a resampled stream, where keys repeat by design, "
-        "commit with duplicates_expected=True)", epoch, duplicates)
+        "(use a shard-qualified key). Resampled shards repeat keys by design: give InfoBatch's "
+        "stage its epoch length, ib.stage(epoch_samples=n), which also makes pruning save "
+        "compute (or commit with duplicates_expected=True)", epoch, duplicates)
