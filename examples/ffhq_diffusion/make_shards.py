@@ -30,7 +30,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from infobatch_stream.cli import storage_option
+from infobatch_stream.storage import storage_option
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 FFHQ_FOLDERS = ("images1024x1024", "thumbnails128x128")
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> str:
     pattern, count = write_shards(args.src, args.out, args.prefix, args.shard_size, args.resize,
                                   parse_ids(args.ids), dict(args.storage_option),
                                   progress=not args.quiet)
-    print(f"wrote {count} samples; use: --shards '{pattern}' --dataset-size {count}")
+    print(f"wrote {count} samples; use: --shards '{pattern}' --dataset_size {count}")
     print(pattern)
     return pattern
 
