@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.join(ROOT, "examples", "ffhq_diffusion"))
 
 import faces  # noqa: E402 (found through the sys.path entry above)
 import make_shards  # noqa: E402 (found through the sys.path entry above)
-from train import heldout_loss, to_model_range  # noqa: E402 (found through the sys.path entry above)
+from train import fixed_noise_loss  # noqa: E402 (found through the sys.path entry above)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from diffusion_summary import plot, summarize  # noqa: E402 (found through the sys.path entry above)
@@ -111,6 +111,24 @@ class Data:
     shards: list[str]
     size: int
     heldout: torch.Tensor
+
+
+def to_model_range(image: torch.Tensor, size: int) -> torch.Tensor:
+    """A decoded CHW float image in [0, 1] -> ``size`` x ``size`` in [-1, 1]."""
+    if image.shape[-2:] != (size, size):
+        image = F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True,
+                              align_corners=False)[0]
+    return image * 2 - 1
+
+
+def heldout_loss(model: torch.nn.Module, scheduler, data: Data, regime: Regime,
+                 device: torch.device) -> float:
+    """The held-out denoising loss at fixed timesteps and noise, as ``train.py`` scores it."""
+    model.eval()
+    try:
+        return fixed_noise_loss(model, scheduler, data.heldout.to(device), regime.eval_timesteps)
+    finally:
+        model.train()
 
 
 def prepare_data(regime: Regime, workdir: str) -> Data:
@@ -274,8 +292,7 @@ def train_arm(regime: Regime, arm: str, seed: int, epochs: int, data: Data, stor
         pruned = data.size - ib.plan(data.size).samples
         record = train_epoch(run, epoch)
         record["pruned"] = pruned
-        record["heldout_loss"] = heldout_loss(model, scheduler, data.heldout,
-                                              regime.eval_timesteps, device) \
+        record["heldout_loss"] = heldout_loss(model, scheduler, data, regime, device) \
             if evaluated(regime, epochs, epoch) else None
         history.append(record)
     return {"arm": arm, "seed": seed, "epochs": epochs,

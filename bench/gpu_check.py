@@ -1,4 +1,4 @@
-"""Does InfoBatch stay off the GPU's critical path? Four checks on a CUDA device, one JSON object.
+"""Does InfoBatch stay off the GPU's critical path? Five checks on a CUDA device, one JSON object.
 
     python bench/gpu_check.py              # on a CUDA machine; prints JSON
     python bench/gpu_check.py --cpu        # the same code on the CPU, gloo in place of NCCL:
@@ -26,6 +26,11 @@ everything runs in one process, which is rank 0 of a one-rank process group.
   the ratio is the median with over the median without (goal >= 0.99). ``end_epoch``'s
   seconds are reported apart, and the loader's own batches/s shows whether the GPU, not
   the loader, bounds the steps.
+- ``ffhq_example``: a few optimizer steps of ``examples/ffhq_diffusion/train.py`` (its own
+  process, accelerate) on procedural faces written here: in pixel space and in latent space
+  on a randomly initialised AutoencoderKL (nothing downloads), each with bf16 autocast, EMA
+  and gradient accumulation (``--mixed_precision no`` on the CPU), checking that each run
+  reaches ``--max_train_steps`` and saves its pipeline; reports each run's steps/s.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +57,8 @@ import webdataset as wds
 import infobatch_stream as ibs
 
 FEATURES, CLASSES = 64, 10
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FFHQ = os.path.join(ROOT, "examples", "ffhq_diffusion")
 GOAL_RATIO = 0.99
 
 
@@ -277,6 +285,71 @@ def check_throughput(context: dict[str, Any]) -> dict[str, Any]:
             "loader_batches_per_s": loader_rate, "rounds": args.rounds}
 
 
+def example_data(workdir: str, args: argparse.Namespace) -> tuple[str, str, int]:
+    """Procedural faces as shards (a multiple of the workers) and a tiny random VAE, on disk."""
+    sys.path.insert(0, FFHQ)
+    import faces
+    import make_shards
+    from diffusers import AutoencoderKL
+
+    images, shards = (32, 2) if args.quick else (512, 2 * max(1, args.workers))
+    resolution = 8 if args.quick else 64
+    faces.write_faces(os.path.join(workdir, "faces"), images, size=resolution, progress=False)
+    pattern, _ = make_shards.write_shards(os.path.join(workdir, "faces"),
+                                          os.path.join(workdir, "faces-shards"),
+                                          shard_size=images // shards, resize=resolution,
+                                          progress=False)
+    vae = os.path.join(workdir, "vae")
+    AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+                  norm_num_groups=8, sample_size=resolution).save_pretrained(vae)
+    return pattern, vae, images
+
+
+def check_ffhq_example(context: dict[str, Any]) -> dict[str, Any]:
+    args, device = context["args"], context["device"]
+    workdir = context["workdir"]
+    pattern, vae, images = example_data(workdir, args)
+    steps = 6 if args.quick else 40   # past the first epoch's commit: the second prunes
+    common = ["--shards", pattern, "--dataset_size", str(images), "--num_epochs", "10",
+              "--max_train_steps", str(steps), "--gradient_accumulation_steps", "2",
+              "--use_ema", "--random_flip", "--logger", "none", "--num_inference_steps", "2",
+              "--eval_batch_size", "4", "--checkpointing_steps", str(10**9)]
+    if args.quick:
+        common += ["--resolution", "8", "--block_out_channels", "8,16", "--train_batch_size", "4",
+                   "--dataloader_num_workers", "0", "--threads", "1"]
+    else:
+        common += ["--resolution", "64", "--model", "small", "--train_batch_size", "32",
+                   "--dataloader_num_workers", str(args.workers)]
+    common += ["--cpu", "--mixed_precision", "no"] if device.type == "cpu" else \
+        ["--mixed_precision", "bf16"]
+    results = {name: run_example(common + extra, os.path.join(workdir, f"ffhq-{name}"), steps)
+               for name, extra in (("pixels", []), ("latents", ["--vae", vae]))}
+    return {"ok": all(r["ok"] for r in results.values()), **results}
+
+
+def run_example(argv: list[str], out: str, steps: int) -> dict[str, Any]:
+    """train.py in a process of its own (accelerate owns its process group there)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, os.path.join(FFHQ, "train.py"), *argv,
+                           "--output_dir", out], env=env, capture_output=True, text=True,
+                          timeout=600)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        return {"ok": False, "returncode": done.returncode, "stderr": done.stderr[-2000:]}
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    saved = os.path.exists(os.path.join(out, "model_index.json"))
+    epochs = len(summary["history"])   # epochs committed before the cap
+    return {"ok": summary["global_step"] == steps and saved and epochs >= 1,
+            "global_step": summary["global_step"], "epochs_committed": epochs,
+            "pruned_in_epoch_1": summary["history"][1]["pruned"] if epochs > 1 else None,
+            "pipeline_saved": saved, "seconds_with_startup": seconds,
+            "steps_per_s_with_startup": steps / seconds}
+
+
 def run_check(fn: Callable[[dict[str, Any]], dict[str, Any]], context: dict[str, Any]) -> dict:
     """A check's result, or its error: one check failing never hides the others."""
     try:
@@ -307,13 +380,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as workdir:
         os.environ.setdefault("INFOBATCH_STREAM_CACHE", os.path.join(workdir, "cache"))
         open_process_group("gloo" if args.cpu else "nccl", workdir)
-        context = {"args": args, "device": device,
+        context = {"args": args, "device": device, "workdir": workdir,
                    "shards": write_shards(workdir, args.samples, 2 * max(1, args.workers)),
                    "infobatch": lambda name, **kw: ibs.InfoBatch(
                        os.path.join(workdir, name), run_id=f"gpu-check-{name}", **kw)}
         checks = {name: run_check(fn, context) for name, fn in [
             ("distributed", check_distributed), ("sync_free", check_sync_free), ("bf16", check_bf16),
-            ("throughput", check_throughput)]}
+            ("throughput", check_throughput), ("ffhq_example", check_ffhq_example)]}
         dist.destroy_process_group()
     result = {**environment(device), "dry_run_on_cpu": args.cpu, "checks": checks,
               "all_ok": all(c.get("ok") is not False for c in checks.values()),

@@ -30,7 +30,12 @@ def test_on_the_cpu_every_check_runs_and_reports(tmp_path):
     result = run("--cpu", "--quick", env={"INFOBATCH_STREAM_CACHE": str(tmp_path / "cache")})
     assert result["dry_run_on_cpu"] is True and result["device"] == "cpu"
     checks = result["checks"]
-    assert set(checks) == {"distributed", "sync_free", "bf16", "throughput"}
+    assert set(checks) == {"distributed", "sync_free", "bf16", "throughput", "ffhq_example"}
+    example = checks["ffhq_example"]
+    for space in ("pixels", "latents"):   # 6 optimizer steps of 8 faces: epoch 0 committed
+        assert example[space]["ok"] and example[space]["global_step"] == 6, example
+        assert example[space]["epochs_committed"] == 1 and example[space]["pipeline_saved"]
+    assert example["ok"]
     assert checks["distributed"] == {"ok": True, "backend": "gloo", "steps": 8}  # 512 / 64
     assert checks["sync_free"]["ok"] is None and "CUDA" in checks["sync_free"]["skipped"]
     bf16 = checks["bf16"]

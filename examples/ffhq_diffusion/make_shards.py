@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> str:
     pattern, count = write_shards(args.src, args.out, args.prefix, args.shard_size, args.resize,
                                   parse_ids(args.ids), dict(args.storage_option),
                                   progress=not args.quiet)
-    print(f"wrote {count} samples; use: --shards '{pattern}' --dataset-size {count}")
+    print(f"wrote {count} samples; use: --shards '{pattern}' --dataset_size {count}")
     print(pattern)
     return pattern
 

@@ -5,7 +5,7 @@
 1. draws procedural faces (``faces.py``) into FFHQ's folder layout: training ids and
    held-out ids (never in the training shards);
 2. ``make_shards.py``: the folder -> webdataset shards (local, resized);
-3. ``train.py`` with InfoBatch and with ``--no-prune`` (the baseline: same code, r=0), each
+3. ``train.py`` with InfoBatch and with ``--no_prune`` (the baseline: same code, r=0), each
    with several seeds (``--modes baseline,infobatch,random`` adds random pruning at
    InfoBatch's budget), run as subprocesses, ``--jobs`` at a time; the command lines are
    printed so each run can be repeated by hand, and each run's epochs are reported on the
@@ -15,8 +15,8 @@
    ``WORKDIR/report.md``, with ``WORKDIR/samples.png`` (held-out real faces beside each
    mode's generated ones, seed 0, at the training resolution, 96 px per face on screen).
 
-Every run writes its checkpoint, ``samples.png``, ``curves.png`` and ``summary.json`` under
-``WORKDIR/runs/<mode>-seed<k>/``.
+Every run writes its last checkpoint, its pipeline (``save_pretrained``), ``samples.png``,
+``curves.png`` and ``summary.json`` under ``WORKDIR/runs/<mode>-seed<k>/``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ DEMO = {
     "epochs": 16, "batch_size": 16, "lr": 3e-3, "channels": "16,32,64",
     "eval_timesteps": 8, "seeds": 3,
 }
-MODES = {"baseline": ["--no-prune"], "infobatch": [], "random": ["--policy", "random"]}
+MODES = {"baseline": ["--no_prune"], "infobatch": [], "random": ["--policy", "random"]}
 SAMPLE_IMAGES = 36
 FACE_PIXELS = 96  # on screen, per face: train.py upscales its samples to this, and so do we
 # train.py's per-epoch line, for the console's compact progress
@@ -56,14 +56,21 @@ EPOCH_LINE = re.compile(r"epoch\s+(?P<epoch>\d+)/(?P<epochs>\d+)\s+trained\s+(?P
 
 def train_command(args, shards: str, heldout: str, out: str, seed: int, mode: str,
                   threads: int) -> list[str]:
+    # Half an epoch of warmup; AdamW's usual betas, no weight decay; a checkpoint at each
+    # epoch's end only (the last one kept); samples once, at the end.
+    warmup = args.train_images // args.batch_size // 2
     return [
         sys.executable, os.path.join(HERE, "train.py"), "--shards", shards,
-        "--dataset-size", str(args.train_images), "--heldout", heldout, "--out", out,
-        "--image-size", str(args.image_size), "--epochs", str(args.epochs),
-        "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--model", "tiny",
-        "--channels", args.channels, "--eval-images", str(args.heldout_images),
-        "--eval-timesteps", str(args.eval_timesteps), "--seed", str(seed), "--workers", "0",
-        "--threads", str(threads), "--sample-images", str(SAMPLE_IMAGES), *MODES[mode],
+        "--dataset_size", str(args.train_images), "--heldout", heldout, "--output_dir", out,
+        "--resolution", str(args.image_size), "--num_epochs", str(args.epochs),
+        "--train_batch_size", str(args.batch_size), "--learning_rate", str(args.lr),
+        "--lr_warmup_steps", str(warmup), "--adam_beta1", "0.9", "--adam_weight_decay", "0",
+        "--model", "tiny", "--block_out_channels", args.channels, "--random_flip",
+        "--eval_images", str(args.heldout_images), "--eval_timesteps", str(args.eval_timesteps),
+        "--seed", str(seed), "--dataloader_num_workers", "0", "--threads", str(threads),
+        "--eval_batch_size", str(SAMPLE_IMAGES), "--save_images_epochs", str(args.epochs),
+        "--checkpointing_steps", str(10**9), "--checkpoints_total_limit", "1",
+        "--logger", "none", *MODES[mode],
     ]
 
 

@@ -1,14 +1,18 @@
-"""The FFHQ diffusion example's command lines on tiny settings: locally, on S3, killed and
-resumed, under torchrun, and the one-command demo."""
+"""The FFHQ diffusion example's command lines on tiny settings: locally, two processes on S3
+killed and resumed, latent diffusion on a tiny VAE, the shard-split refusal, ``main(argv)``
+as a function, and the one-command demo."""
 
 from __future__ import annotations
 
-import io
+import contextlib
+import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,14 +22,17 @@ import infobatch_stream as ibs
 
 from .conftest import FFHQ, ROOT, run, script
 
-sys.path.insert(0, FFHQ)
+sys.path.insert(0, FFHQ)  # the example's modules (faces, make_shards, checkpoints, train)
+import checkpoints
 import faces
 import make_shards
 
-TRAIN_IDS, HELDOUT_IDS = 48, 8
-TINY = ["--image-size", "8", "--channels", "8,16", "--batch-size", "8", "--eval-images", "8",
-        "--eval-timesteps", "2", "--sample-images", "4", "--sample-steps", "2", "--threads", "1",
-        "--dataset-size", str(TRAIN_IDS), "--lr", "3e-3"]
+TRAIN_IDS, HELDOUT_IDS, SHARD_SIZE = 48, 8, 12     # 4 training shards
+TINY = ["--resolution", "8", "--block_out_channels", "8,16", "--train_batch_size", "8",
+        "--eval_images", "8", "--eval_timesteps", "2", "--eval_batch_size", "4",
+        "--num_inference_steps", "2", "--threads", "1", "--dataset_size", str(TRAIN_IDS),
+        "--learning_rate", "3e-3", "--lr_warmup_steps", "2", "--adam_beta1", "0.9",
+        "--adam_weight_decay", "0", "--random_flip", "--logger", "none"]
 TRAIN = script("ffhq_diffusion", "train.py")
 MAKE_SHARDS = script("ffhq_diffusion", "make_shards.py")
 
@@ -37,15 +44,42 @@ def faces_root(tmp_path_factory) -> str:
     return root
 
 
+def shards_command(faces_root: str, out: str, heldout: bool = False) -> list[str]:
+    ids = ["--prefix", "heldout", "--ids", f"{TRAIN_IDS}:"] if heldout else \
+        ["--shard-size", str(SHARD_SIZE), "--ids", f"0:{TRAIN_IDS}"]
+    return [MAKE_SHARDS, faces_root, "--out", out, "--resize", "8", *ids, "--quiet"]
+
+
 @pytest.fixture(scope="module")
 def local_shards(faces_root, tmp_path_factory) -> tuple[str, str]:
     out = str(tmp_path_factory.mktemp("shards"))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    train = run([MAKE_SHARDS, faces_root, "--out", out, "--resize", "8", "--shard-size", "16",
-                 "--ids", f"0:{TRAIN_IDS}", "--quiet"], env).splitlines()[-1]
-    heldout = run([MAKE_SHARDS, faces_root, "--out", out, "--resize", "8", "--prefix", "heldout",
-                   "--ids", f"{TRAIN_IDS}:", "--quiet"], env).splitlines()[-1]
+    train = run(shards_command(faces_root, out), env).splitlines()[-1]
+    heldout = run(shards_command(faces_root, out, heldout=True), env).splitlines()[-1]
     return train, heldout
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory) -> str:
+    """A randomly initialised AutoencoderKL (two levels: 8 px -> 4 px latents), saved to disk."""
+    from diffusers import AutoencoderKL
+
+    path = str(tmp_path_factory.mktemp("vae"))
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+                  norm_num_groups=8, sample_size=8).save_pretrained(path)
+    return path
+
+
+def example_train():
+    """``train.py`` as a module, loaded once by its path (``train`` is a common module name)."""
+    if "ffhq_diffusion_train" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("ffhq_diffusion_train", TRAIN)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["ffhq_diffusion_train"]
 
 
 def summary_of(url: str, storage_options: dict | None = None) -> dict:
@@ -55,11 +89,33 @@ def summary_of(url: str, storage_options: dict | None = None) -> dict:
         return json.load(f)
 
 
+def settled_latest_epoch(url: str, options: dict, cache: str) -> int | None:
+    """The store's last committed epoch once it stops changing: a request the killed processes
+    had already sent (an overlapped commit's manifest) may still land on the server."""
+    seen = None
+    for _ in range(20):
+        latest = ibs.ScoreStore(url, options, cache_dir=cache).latest_epoch
+        if latest == seen:
+            return latest
+        seen = latest
+        time.sleep(0.5)
+    raise AssertionError(f"{url} kept changing after the kill")
+
+
+def json_at(path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def epochs_trained(log: str) -> list[int]:
+    return [int(line.split()[1].split("/")[0]) for line in log.splitlines() if line.startswith("epoch ")]
+
+
 # -- make_shards --------------------------------------------------------------------------
 
 def test_make_shards_keys_are_image_ids_and_resize(local_shards):
     train, heldout = local_shards
-    assert train.endswith("train-{000000..000002}.tar")
+    assert train.endswith("train-{000000..000003}.tar")
     samples = list(wds.WebDataset(list(wds.shardlists.expand_urls(train)), shardshuffle=False)
                    .decode("rgb8"))
     assert [s["__key__"] for s in samples] == [f"{i:05d}" for i in range(TRAIN_IDS)]
@@ -89,16 +145,56 @@ def test_faces_are_a_pure_function_of_the_id():
     assert faces.draw_face(7, 16).tobytes() != faces.draw_face(8, 16).tobytes()
 
 
+# -- checkpoints: whole or not at all, local and on S3 ---------------------------------------
+
+def make_checkpoint(out: checkpoints.OutputDir, step: int, complete: bool) -> None:
+    out.write(f"checkpoint-{step}/model.safetensors", b"weights")
+    if complete:
+        out.write(f"checkpoint-{step}/{checkpoints.STATE}", checkpoints.strict_json({"step": step}))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_latest_is_the_newest_complete_checkpoint_and_retire_keeps_the_limit(where, tmp_path, request):
+    if where == "s3":
+        server, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
+        out = checkpoints.OutputDir(f"s3://{bucket}/run", server.storage_options, str(tmp_path / "staging"))
+        options = server.storage_options
+    else:
+        out, options = checkpoints.OutputDir(str(tmp_path / "run"), {}), {}
+    for step, complete in ((2, True), (10, True), (30, True), (40, False)):   # 40: save killed
+        make_checkpoint(out, step, complete)
+    assert out.latest() == "checkpoint-30"                 # by step, not by name: 30 > 10 > 2
+    with pytest.raises(SystemExit, match="checkpoint-40 is not a complete checkpoint"):
+        out.locate("checkpoint-40", options)
+    assert out.retire(keep=2) == ["checkpoint-40", "checkpoint-2"]
+    assert out.checkpoints() == (["checkpoint-10", "checkpoint-30"], [])
+    fs, root = out.locate("checkpoint-30", options)
+    out.download(fs, root)
+    local = out.local_copy(fs, root)
+    with open(os.path.join(local, "model.safetensors"), "rb") as f:
+        assert f.read() == b"weights"
+    assert (local == root) == (where == "local")           # a remote one is staged locally
+
+
+def test_training_state_is_strict_json(tmp_path):
+    data = checkpoints.strict_json({"loss": float("nan"), "history": [{"x": float("inf")}], "n": 1})
+    assert json.loads(data) == {"loss": None, "history": [{"x": None}], "n": 1}
+    with pytest.raises(ValueError, match=r"f\.json: not strict JSON"):
+        checkpoints.read_strict_json(b'{"a": NaN}', "f.json")
+    with pytest.raises(ValueError, match="a repeated field"):
+        checkpoints.read_strict_json(b'{"a": 1, "a": 2}', "f.json")
+
+
 # -- training, locally ----------------------------------------------------------------------
 
 def test_train_infobatch_and_baseline_locally(local_shards, tmp_path, example_env):
     train, heldout = local_shards
     ib_out, base_out = tmp_path / "ib", tmp_path / "base"
-    log = run([TRAIN, "--shards", train, "--heldout", heldout, "--out", ib_out, "--epochs", "3",
-               "--workers", "2", *TINY], example_env)
-    assert "InfoBatch r=0.5" in log and "[checkpoint epoch 2]" in log
+    log = run([TRAIN, "--shards", train, "--heldout", heldout, "--output_dir", ib_out,
+               "--num_epochs", "3", "--dataloader_num_workers", "2", "--checkpoints_total_limit",
+               "2", *TINY, "--logger", "tensorboard"], example_env)
+    assert "InfoBatch r=0.5" in log and epochs_trained(log) == [0, 1, 2]
     ib = summary_of(str(ib_out))
-    assert [h["epoch"] for h in ib["history"]] == [0, 1, 2]
     # epoch 0 knows no score; epoch 1 prunes; epoch 2 = floor(0.875 * 3) anneals
     assert [h["pruned"] > 0 for h in ib["history"]] == [False, True, False]
     assert ib["history"][0]["trained"] == ib["history"][2]["trained"] == TRAIN_IDS
@@ -108,127 +204,195 @@ def test_train_infobatch_and_baseline_locally(local_shards, tmp_path, example_en
         assert h["infobatch"]["samples_trained"] == h["trained"]
         assert h["infobatch"]["annealing"] is (h["epoch"] == 2)
     assert all(h["heldout_loss"] > 0 for h in ib["history"])
-    for name in ("samples.png", "curves.png", "checkpoint.pt"):
+    for name in ("samples.png", "curves.png", "unet/diffusion_pytorch_model.safetensors"):
         assert (ib_out / name).stat().st_size > 0
+    assert json_at(ib_out / "model_index.json")["_class_name"] == "DDPMPipeline"
+    assert any(name.startswith("events.out.tfevents") for _, _, names in os.walk(ib_out / "logs")
+               for name in names)
     store = ibs.ScoreStore(str(ib_out / "scores"), cache_dir=example_env["INFOBATCH_STREAM_CACHE"])
     assert store.latest_epoch == 2 and len(store.snapshot()) == TRAIN_IDS
+    # a checkpoint at each epoch's end, the last two kept, each holding ib's state
+    steps = [h["global_step"] for h in ib["history"]]
+    assert sorted(p.name for p in ib_out.glob("checkpoint-*")) == sorted(f"checkpoint-{s}" for s in steps[1:])
+    last = json_at(ib_out / f"checkpoint-{steps[-1]}" / checkpoints.STATE)
+    assert last["end_of_epoch"] and last["epoch"] == 2 and last["infobatch"]["epoch"] == 3
 
-    run([TRAIN, "--shards", train, "--heldout", heldout, "--out", base_out, "--epochs", "3",
-         "--workers", "0", "--no-prune", *TINY], example_env)
+    run([TRAIN, "--shards", train, "--heldout", heldout, "--output_dir", base_out,
+         "--num_epochs", "3", "--no_prune", *TINY], example_env)
     base = summary_of(str(base_out))
     assert base["mode"] == "baseline" and base["pruned"] == 0
-    assert base["trained"] == 3 * TRAIN_IDS
+    assert base["trained"] == 3 * TRAIN_IDS and base["steps"] > ib["steps"]
+    # The LR schedule is clocked in epochs: the pruned run, with fewer steps, ends where the
+    # baseline ends (counted in steps, it would stop short of the schedule's end).
+    assert ib["history"][-1]["lr"] == pytest.approx(base["history"][-1]["lr"])
+    assert base["history"][-1]["lr"] < 0.02 * 3e-3
 
-    again = subprocess.run([sys.executable, TRAIN, "--shards", train, "--out", str(ib_out),
-                            "--epochs", "3", *TINY], env=example_env, capture_output=True, text=True,
-                           check=False)
-    assert again.returncode != 0 and "--resume" in again.stderr   # never trains over a used store
-
-
-def test_onecycle_schedule_from_plan_steps(local_shards, tmp_path, example_env):
-    train, _ = local_shards
-    log = run([TRAIN, "--shards", train, "--out", tmp_path / "run", "--epochs", "3",
-               "--workers", "0", "--lr-schedule", "onecycle", *TINY], example_env)
-    summary = summary_of(str(tmp_path / "run"))
-    assert summary["lr_schedule"] == "onecycle" and "held-out -" in log
-    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    plan = checkpoint["infobatch"]["step_plan"]
-    assert summary["steps"] <= sum(e["steps"] for e in plan["epochs"])
+    again = subprocess.run([sys.executable, TRAIN, "--shards", train, "--output_dir", str(ib_out),
+                            "--num_epochs", "3", *TINY], env=example_env, capture_output=True,
+                           text=True, check=False)
+    assert again.returncode != 0 and "--resume_from_checkpoint" in again.stderr   # never over a used store
 
 
-# -- S3: shards, store and outputs on the S3 test server ------------------------------------
+# -- two processes on S3: EMA, accumulation, killed and resumed -------------------------------
 
-def test_s3_shards_store_and_outputs(faces_root, s3_bucket, s3_server, s3_env):
-    bucket = f"s3://{s3_bucket}"
-    train = run([MAKE_SHARDS, faces_root, "--out", f"{bucket}/shards", "--resize", "8",
-                 "--shard-size", "16", "--ids", f"0:{TRAIN_IDS}", "--quiet"], s3_env).splitlines()[-1]
-    heldout = run([MAKE_SHARDS, faces_root, "--out", f"{bucket}/shards", "--resize", "8",
-                   "--prefix", "heldout", "--ids", f"{TRAIN_IDS}:", "--quiet"], s3_env).splitlines()[-1]
-    assert train == f"{bucket}/shards/train-{{000000..000002}}.tar"
-    run([TRAIN, "--shards", train, "--heldout", heldout, "--store", f"{bucket}/runs/a/scores",
-         "--out", f"{bucket}/runs/a", "--epochs", "3", "--workers", "2", *TINY], s3_env)
-    summary = summary_of(f"{bucket}/runs/a", s3_server.storage_options)
-    assert [h["pruned"] > 0 for h in summary["history"]] == [False, True, False]
-    fs = s3_server.filesystem()
-    assert fs.exists(f"{s3_bucket}/runs/a/samples.png") and fs.exists(f"{s3_bucket}/runs/a/checkpoint.pt")
-    store = ibs.ScoreStore(f"{bucket}/runs/a/scores", s3_server.storage_options,
-                           cache_dir=s3_env["INFOBATCH_STREAM_CACHE"])
-    assert store.latest_epoch == 2 and len(store.snapshot()) == TRAIN_IDS
+EPOCHS, BATCH, ACCUMULATION = 4, 2, 2   # epochs 1 and 2 prune; 3 anneals (floor(0.875 * 4))
 
 
-# -- killed mid-training, then resumed ------------------------------------------------------
-
-EPOCHS = 8
-
-
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_killed_run_resumes_from_its_checkpoint(where, local_shards, faces_root, tmp_path,
-                                                example_env, request):
-    import fsspec
-
-    train, heldout = local_shards
-    env, options = example_env, {}
-    out = str(tmp_path / "run")
-    if where == "s3":
-        server = request.getfixturevalue("s3_server")
-        bucket = request.getfixturevalue("s3_bucket")
-        env, options = request.getfixturevalue("s3_env"), server.storage_options
-        fs = server.filesystem()
-        for local in wds.shardlists.expand_urls(train):
-            fs.put_file(local, f"{bucket}/shards/{os.path.basename(local)}")
-        train = f"s3://{bucket}/shards/{os.path.basename(train)}"
-        out = f"s3://{bucket}/runs/killed"
-    command = [sys.executable, TRAIN, "--shards", train, "--heldout", heldout, "--out", out,
-               "--epochs", str(EPOCHS), "--workers", "0", *TINY]
-
+def launch(command: list[str], env: dict, kill_at: str | None = None) -> tuple[int, str]:
+    """Run ``command`` in a session of its own; with ``kill_at``, SIGKILL every process of it
+    (torchrun and both ranks at once) as soon as a line containing it is printed."""
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+                               text=True, cwd=ROOT, start_new_session=True)
     seen = []
-    for line in process.stdout:
-        seen.append(line)
-        if "[checkpoint epoch 0]" in line:
-            process.send_signal(signal.SIGKILL)   # mid-training: epoch 1 has begun
-            break
-    process.wait(timeout=60)
-    process.stdout.close()
-    assert process.returncode == -signal.SIGKILL, "".join(seen)
+    try:
+        for line in process.stdout:
+            seen.append(line)
+            if kill_at and kill_at in line:
+                os.killpg(process.pid, signal.SIGKILL)
+                break
+        process.wait(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)   # nothing of the job outlives the test
+        process.stdout.close()
+    return process.returncode, "".join(seen)
 
-    fs, root = fsspec.core.url_to_fs(out, **options)
-    assert not fs.exists(f"{root}/summary.json"), "the run finished before it was killed"
-    checkpoint = torch.load(io.BytesIO(fs.cat_file(f"{root}/checkpoint.pt")), weights_only=True)
-    store = ibs.ScoreStore(f"{out}/scores", options or None, cache_dir=env["INFOBATCH_STREAM_CACHE"])
-    saved, committed = checkpoint["epoch"], store.latest_epoch
-    assert 0 <= saved <= committed < EPOCHS - 1
 
-    log = run(command[1:] + ["--resume"], env)
-    assert f"(epoch {saved} done); continuing at epoch {committed + 1}" in log
-    trained_now = [int(line.split()[1].split("/")[0]) for line in log.splitlines()
-                   if line.startswith("epoch ")]
-    assert trained_now == list(range(committed + 1, EPOCHS))
+def test_two_processes_on_s3_with_ema_and_accumulation_killed_and_resumed(
+        faces_root, s3_bucket, s3_server, s3_env):
+    bucket, options = f"s3://{s3_bucket}", s3_server.storage_options
+    train = run(shards_command(faces_root, f"{bucket}/shards"), s3_env).splitlines()[-1]
+    heldout = run(shards_command(faces_root, f"{bucket}/shards", heldout=True), s3_env).splitlines()[-1]
+    assert train == f"{bucket}/shards/train-{{000000..000003}}.tar"
+    out = f"{bucket}/runs/ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               TRAIN, "--shards", train, "--heldout", heldout, "--output_dir", out,
+               "--num_epochs", str(EPOCHS), *TINY, "--train_batch_size", str(BATCH),
+               "--gradient_accumulation_steps", str(ACCUMULATION), "--use_ema",
+               "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
+               "--dataloader_num_workers", "2"]
+
+    # Killed (both ranks and torchrun at once) just after a checkpoint taken in the middle of
+    # epoch 1, with steps of that epoch left to train.
+    code, killed_log = launch(command, s3_env, kill_at="(epoch 1, mid-epoch)")
+    assert code == -signal.SIGKILL, killed_log[-3000:]
+    assert "x 2 ranks x 2 accumulation" in killed_log and "EMA" in killed_log
+    fs = s3_server.filesystem()
+    assert not fs.exists(f"{s3_bucket}/runs/ddp/summary.json"), "the run finished before the kill"
+    latest = checkpoints.OutputDir(out, options).latest()
+    saved = json.loads(fs.cat_file(f"{s3_bucket}/runs/ddp/{latest}/{checkpoints.STATE}"))
+    assert fs.exists(f"{s3_bucket}/runs/ddp/{latest}/unet_ema/diffusion_pytorch_model.safetensors")
+    committed = settled_latest_epoch(f"{out}/scores", options, s3_env["INFOBATCH_STREAM_CACHE"])
+    # Usually the checkpoint is mid-epoch 1 and epoch 0 is the last committed. A slow reader
+    # of the log may let the epoch end first (its commit, maybe its checkpoint): the store is
+    # then one epoch ahead of the checkpoint, or both are; resuming must follow the store.
+    checkpointed = saved["epoch"] - (0 if saved["end_of_epoch"] else 1)   # its last whole epoch
+    assert saved["epoch"] == 1 and committed in (checkpointed, checkpointed + 1)
+
+    code, log = launch(command + ["--resume_from_checkpoint", "latest"], s3_env)
+    assert code == 0, log[-4000:]
+    where = "end" if saved["end_of_epoch"] else "middle"
+    resumed = (f"resumed from {latest} (step {saved['global_step']}, {where} of epoch 1); "
+               f"continuing at epoch {committed + 1}, the store's first uncommitted epoch")
+    assert resumed in log, [line for line in log.splitlines() if "resum" in line or "epoch" in line]
+    assert epochs_trained(log) == list(range(committed + 1, EPOCHS))
     summary = summary_of(out, options)
     assert [h["epoch"] for h in summary["history"]] == \
-        list(range(saved + 1)) + list(range(committed + 1, EPOCHS))
-    assert store.latest_epoch == EPOCHS - 1
-
-
-# -- DDP under torchrun -----------------------------------------------------------------------
-
-def test_torchrun_two_ranks_gloo(local_shards, tmp_path, example_env):
-    train, heldout = local_shards
-    out = tmp_path / "ddp"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         TRAIN, "--shards", train, "--heldout", heldout, "--out", str(out), "--epochs", "3",
-         "--workers", "0", *TINY], env=example_env, capture_output=True, text=True, timeout=300,
-        cwd=ROOT, check=False)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "x 2 ranks" in result.stdout
-    summary = summary_of(str(out))
-    # 3 shards of 16 split over 2 ranks (32 and 16 samples): bound() stops both ranks together
+        [h["epoch"] for h in saved["history"]] + list(range(committed + 1, EPOCHS))
+    store = ibs.ScoreStore(f"{out}/scores", options, cache_dir=s3_env["INFOBATCH_STREAM_CACHE"])
+    assert summary["processes"] == 2 and summary["use_ema"] and store.latest_epoch == EPOCHS - 1
+    assert summary["history"][-1]["pruned"] == 0                        # the annealing epoch
     for h in summary["history"]:
-        assert h["trained"] == 2 * h["steps"] * 8
-    store = ibs.ScoreStore(str(out / "scores"), cache_dir=example_env["INFOBATCH_STREAM_CACHE"])
-    assert store.latest_epoch == 2
+        # whole optimizer steps of 2 micro-batches, the same number on both ranks
+        assert h["micro_batches"] == ACCUMULATION * h["steps"] > 0
+        assert h["trained"] == h["micro_batches"] * BATCH * 2
+    assert fs.exists(f"{s3_bucket}/runs/ddp/model_index.json")
+    assert fs.exists(f"{s3_bucket}/runs/ddp/samples.png")
+
+
+# -- latent diffusion on a tiny VAE ------------------------------------------------------------
+
+def test_latent_diffusion_on_a_tiny_vae(local_shards, tiny_vae, tmp_path, example_env):
+    from diffusers import LDMPipeline
+
+    train, heldout = local_shards
+    out = tmp_path / "latent"
+    log = run([TRAIN, "--shards", train, "--heldout", heldout, "--output_dir", out,
+               "--num_epochs", "2", "--vae", tiny_vae, "--mixed_precision", "bf16",
+               "--prediction_type", "v_prediction", *TINY], example_env)
+    assert f"8px latents of {tiny_vae}, bf16" in log
+    summary = summary_of(str(out))
+    assert summary["latent"] and all(h["heldout_loss"] > 0 for h in summary["history"])
+    unet = json_at(out / "unet" / "config.json")
+    assert (unet["in_channels"], unet["out_channels"], unet["sample_size"]) == (4, 4, 4)
+    pipe = LDMPipeline.from_pretrained(str(out))
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert type(pipe.vqvae).__name__ == "AutoencoderKL"
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=1, num_inference_steps=2, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 8, 8, 3)                      # decoded back to pixels
+
+
+def test_latents_are_the_vaes_samples_times_its_scaling_factor(tiny_vae):
+    from diffusers import AutoencoderKL
+
+    train = example_train()
+
+    vae = AutoencoderKL.from_pretrained(tiny_vae)
+    run_ = SimpleNamespace(args=SimpleNamespace(random_flip=False), vae=vae,
+                           accelerator=SimpleNamespace(device=torch.device("cpu"),
+                                                       autocast=contextlib.nullcontext))
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    latents = train.model_input(run_, images, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = images.float() / 127.5 - 1
+        drawn = vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(0))
+    assert latents.shape == (2, 4, 4, 4)
+    assert torch.allclose(latents, drawn * vae.config.scaling_factor, atol=1e-6)
+    assert vae.config.scaling_factor != 1
+
+
+# -- the shard split ---------------------------------------------------------------------------
+
+def test_shards_not_a_multiple_of_processes_times_workers_are_refused(local_shards, tmp_path,
+                                                                      example_env):
+    train = example_train()
+    # The old docs' command: 60 shards on 8 GPUs leaves 4 ranks a shard short.
+    with pytest.raises(SystemExit, match=r"60 shards for 8 processes x 8 DataLoader workers = 64 "
+                                         r"readers\. The processes would hold 7 to 8 shards each.*6\.7%"):
+        train.check_shard_split(60, 8, 8, allow=False)
+    assert train.check_shard_split(128, 8, 8, allow=False) is None
+    assert "read by fewer of them" in train.check_shard_split(16, 2, 3, allow=True)
+
+    shards, _ = local_shards   # 4 shards, 1 process x 3 workers
+    refused = subprocess.run([sys.executable, TRAIN, "--shards", shards, "--output_dir",
+                              str(tmp_path / "refused"), "--num_epochs", "1",
+                              "--dataloader_num_workers", "3", *TINY], env=example_env,
+                             capture_output=True, text=True, check=False)
+    assert refused.returncode != 0
+    assert "4 shards for 1 processes x 3 DataLoader workers = 3 readers" in refused.stderr
+    assert "--allow_uneven_shards" in refused.stderr
+    log = run([TRAIN, "--shards", shards, "--output_dir", tmp_path / "allowed", "--num_epochs", "1",
+               "--dataloader_num_workers", "3", "--allow_uneven_shards", *TINY], example_env)
+    assert "WARNING: --shards has 4 shards" in log
+    # worker 0 reads 2 shards (3 batches of 8), workers 1 and 2 one each (1 batch, 4 dropped)
+    assert summary_of(str(tmp_path / "allowed"))["trained"] == 40
+
+
+# -- main(argv): a function, for bench/gpu_check.py ---------------------------------------------
+
+def test_main_returns_the_summary_and_stops_at_max_train_steps(local_shards, tmp_path, example_env,
+                                                              monkeypatch):
+    train = example_train()
+    monkeypatch.setenv("INFOBATCH_STREAM_CACHE", example_env["INFOBATCH_STREAM_CACHE"])
+    shards, _ = local_shards
+    out = tmp_path / "capped"
+    summary = train.main(["--shards", shards, "--output_dir", str(out), "--num_epochs", "3",
+                          "--max_train_steps", "2", *TINY])
+    assert summary["global_step"] == 2 and summary["stopped_early"] and summary["history"] == []
+    assert ibs.ScoreStore(str(out / "scores")).latest_epoch is None   # the cut epoch: not committed
+    assert (out / "model_index.json").exists() and summary_of(str(out)) == summary
 
 
 # -- the one-command demo ---------------------------------------------------------------------
