@@ -39,6 +39,21 @@ def two_epochs(backend: Backend) -> ScoreStore:
     return store
 
 
+def epoch1_of_two_ranks(backend: Backend, rank1_keys: list[str],
+                        rank1_scores: list[float]) -> tuple[ScoreStore, str]:
+    """Epoch 0 committed, epoch 1's deltas written by two ranks; returns the store and the
+    path of rank 1's delta (the one the tests damage)."""
+    store = backend.open()
+    with store.writer(0) as writer:
+        writer.record(A, EPOCH0)
+    store.commit(0)
+    with store.writer(1, rank=0) as writer:
+        writer.record(["a"], [10.0])
+    with store.writer(1, rank=1) as writer:
+        writer.record(rank1_keys, rank1_scores)
+    return store, store.pending_deltas(1)[1]
+
+
 def assert_epoch0_intact(backend: Backend) -> None:
     assert backend.open().snapshot(0).lookup(A).tolist() == EPOCH0
 
@@ -384,15 +399,7 @@ def test_a_store_whose_root_is_a_symlink_works(tmp_path) -> None:
 @cases("damage", {d: d for d in ("truncated", "garbage", "other-epoch", "snapshot-file")},
        s3=("truncated",))
 def test_a_corrupt_delta_fails_the_commit_and_changes_nothing(backend: Backend, damage: str) -> None:
-    store = backend.open()
-    with store.writer(0) as writer:
-        writer.record(A, EPOCH0)
-    store.commit(0)
-    with store.writer(1, rank=0) as writer:
-        writer.record(["a"], [10.0])
-    with store.writer(1, rank=1) as writer:
-        writer.record(["b"], [20.0])
-    relpath = store.pending_deltas(1)[1]
+    store, relpath = epoch1_of_two_ranks(backend, ["b"], [20.0])
     raw = backend.read(relpath)
     if damage == "truncated":
         backend.write(relpath, raw[:-40])

@@ -25,7 +25,16 @@ from infobatch_stream.storage.tables import (
 )
 
 from .conftest import Backend
-from .test_errors import EPOCH0, A, _edit_manifest, assert_corrupt, assert_epoch0_intact, cases, two_epochs
+from .test_errors import (
+    EPOCH0,
+    A,
+    _edit_manifest,
+    assert_corrupt,
+    assert_epoch0_intact,
+    cases,
+    epoch1_of_two_ranks,
+    two_epochs,
+)
 
 DEEP = b"[" * 100_000 + b"]" * 100_000  # deeper than Python's parser can go
 
@@ -138,15 +147,7 @@ def test_a_delta_with_a_valid_checksum_but_wrong_content_fails_the_commit(
         backend: Backend, edit: str, problem: str) -> None:
     """The commit names the delta and changes nothing (a negative duplicate count used to be
     summed into a manifest that the store's own reader then refused: a bricked store)."""
-    store = backend.open()
-    with store.writer(0) as writer:
-        writer.record(A, EPOCH0)
-    store.commit(0)
-    with store.writer(1, rank=0) as writer:
-        writer.record(["a"], [10.0])
-    with store.writer(1, rank=1) as writer:
-        writer.record(["b", "c"], [20.0, 30.0])
-    relpath = store.pending_deltas(1)[1]
+    _, relpath = epoch1_of_two_ranks(backend, ["b", "c"], [20.0, 30.0])
     cols, meta = _columns(backend.read(relpath), ["hash", "score"])
     cols, meta, raw_meta = _edit_delta(cols, meta, edit)
     backend.write(relpath, _table_bytes(DELTA_SCHEMA, cols, meta, raw_meta)[0])
