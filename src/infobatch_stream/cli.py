@@ -392,9 +392,7 @@ def _key_column(snap: ScoreSnapshot, keys: list[str]) -> tuple[Any, str]:
     import pyarrow as pa
 
     hashes, first = np.unique(hash_keys(keys), return_index=True)
-    pos = np.searchsorted(snap.hashes, hashes)
-    found = pos < len(snap)
-    found[found] = snap.hashes[pos[found]] == hashes[found]
+    pos, found = snap.positions(hashes)
     strings = np.full(len(snap), None, object)
     strings[pos[found]] = np.asarray(keys, object)[first[found]]
     rows = int(found.sum())

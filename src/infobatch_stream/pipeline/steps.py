@@ -112,14 +112,12 @@ class StepBudget:
         left = plan.total_steps - (self.at_epoch_start - self.origin)
         needed = sum(e.steps for e in now.epochs)
         exact = now.epochs[0].steps
-        if plan.drawn is not None:
-            # Resampled: the coming epoch's count is an expectation, and its draws may give it
-            # more; it may take whatever the later epochs' estimates leave.
-            spare = left - (needed - exact)
-            if spare >= exact:
-                self.cut_steps = 0
-                return spare
-        allowed = exact if needed <= left else max(0, min(exact, left, exact * left // max(needed, 1)))
+        if needed <= left:
+            self.cut_steps = 0
+            # Resampled (``drawn``): the coming epoch's count is an expectation and its draws
+            # may give it more; it may take whatever the later epochs' estimates leave.
+            return exact if plan.drawn is None else left - (needed - exact)
+        allowed = max(0, min(exact, left, exact * left // max(needed, 1)))
         self.cut_steps = exact - allowed
         if self.cut_steps and distributed.rank() == 0:
             warnings.warn(

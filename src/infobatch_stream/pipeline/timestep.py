@@ -15,19 +15,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..storage.checks import check_int, check_number
+from .recorder import on_device
+
 STATE_VERSION = 1
-
-
-def _check_fraction(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
-    return float(value)
-
-
-def _check_count(name: str, value: int, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 class TimestepNormalizer:
@@ -70,13 +61,13 @@ class TimestepNormalizer:
 
     def __init__(self, num_timesteps: int = 1000, buckets: int = 20, momentum: float = 0.5,
                  smoothing: float = 0.0, warmup_steps: int = 16, group: Any = None):
-        self.num_timesteps = _check_count("num_timesteps", num_timesteps, 1)
-        self.buckets = _check_count("buckets", buckets, 1)
+        self.num_timesteps = check_int(num_timesteps, "num_timesteps", 1, numpy=False)
+        self.buckets = check_int(buckets, "buckets", 1, numpy=False)
         if self.buckets > self.num_timesteps:
             raise ValueError(f"buckets ({buckets}) must not exceed num_timesteps ({num_timesteps})")
-        self.momentum = _check_fraction("momentum", momentum)
-        self.smoothing = _check_fraction("smoothing", smoothing)
-        self.warmup_steps = _check_count("warmup_steps", warmup_steps, 0)
+        self.momentum = check_number(momentum, "momentum", 0, 1, high_open=True)
+        self.smoothing = check_number(smoothing, "smoothing", 0, 1, high_open=True)
+        self.warmup_steps = check_int(warmup_steps, "warmup_steps", 0, numpy=False)
         self.group = group
         self.table = torch.full((self.buckets,), math.nan, dtype=torch.float64)
         self._sums = torch.zeros(self.buckets, dtype=torch.float64)
@@ -116,10 +107,10 @@ class TimestepNormalizer:
         self._sums.index_add_(0, bucket, value)
         self._counts.index_add_(0, bucket, torch.ones_like(value))
         self._calls += 1
-        if self.syncs == 0 and self._calls == self.warmup_steps:
+        if self.syncs == 0 and self._calls >= self.warmup_steps:  # 0: after the first call
             self.sync()
         if previous is not None and self.smoothing > 0:
-            prev = torch.as_tensor(previous).to(loss.device, torch.float64, non_blocking=True)
+            prev = on_device(previous, loss.device).double()   # via pinned memory, no sync
             blended = self.smoothing * prev + (1 - self.smoothing) * scores
             scores = torch.where(torch.isfinite(prev), blended, scores)
         return scores.float()

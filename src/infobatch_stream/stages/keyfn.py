@@ -133,11 +133,14 @@ def batch_key_hashes(keys: Any) -> np.ndarray:
     >>> batch_key_hashes(["00001", "00002"]).dtype
     dtype('uint64')
     """
-    if _is_float_keys(keys):
+    try:
+        hashes = hash_keys(keys)
+    except TypeError:  # hash_keys refuses floats; say what they probably are (checked only
+        if not _is_float_keys(keys):  # here, off the per-step path of good keys)
+            raise
         dtype = getattr(keys, "dtype", "float")
         raise TypeError(f"the keys are floating-point numbers ({dtype}), which are never "
-                        f"sample keys (a loss or a label?); {_WHICH_FIELD}")
-    hashes = hash_keys(keys)
+                        f"sample keys (a loss or a label?); {_WHICH_FIELD}") from None
     if not (isinstance(keys, (list, tuple)) and keys and isinstance(keys[0], (str, bytes))):
         check_key_hashes(hashes)  # strings hash uniformly: only integers need the check
     return hashes
