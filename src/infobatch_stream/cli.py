@@ -24,7 +24,7 @@ import numpy as np
 
 from . import __version__
 from .stages.plan import plan_epoch
-from .stages.policy import InfoBatchPolicy, RandomPolicy, check_prune_ratio
+from .stages.policy import POLICIES, InfoBatchPolicy, check_prune_ratio
 from .storage import Manifest, ScoreSnapshot, ScoreStore, StoreError, fsio, hash_keys, layout
 from .storage.options import add_storage_option_argument
 
@@ -261,7 +261,8 @@ def snapshot_stats(snap: ScoreSnapshot) -> dict[str, Any]:
     return stats
 
 
-POLICIES = {"InfoBatchPolicy": InfoBatchPolicy, "RandomPolicy": RandomPolicy}
+# The built-in policies by the class name the store records.
+POLICY_CLASSES = {policy.__name__: policy for policy in POLICIES.values()}
 
 
 def next_epoch_pruning(snap: ScoreSnapshot, prune_ratio: float = 0.5, seed: int = 0, *,
@@ -279,7 +280,7 @@ def next_epoch_pruning(snap: ScoreSnapshot, prune_ratio: float = 0.5, seed: int 
     """
     epoch = 0 if snap.epoch is None else snap.epoch + 1
     scheduled = num_epochs is not None and delta is not None
-    counted = POLICIES.get(policy, InfoBatchPolicy)(
+    counted = POLICY_CLASSES.get(policy, InfoBatchPolicy)(
         num_epochs=num_epochs if scheduled else epoch + 1, prune_ratio=prune_ratio,
         delta=delta if scheduled else 1.0, seed=seed)
     plan = plan_epoch(counted, epoch, snap)
@@ -424,10 +425,15 @@ def wants_log_axis(scores: Sequence[np.ndarray]) -> bool:
     >>> wants_log_axis([np.float32([0.01] * 9 + [5.0])]), wants_log_axis([np.float32([1, 2, 3])])
     (True, False)
     """
+    return log_axis_skew(scores) > SKEW_RATIO
+
+
+def log_axis_skew(scores: Sequence[np.ndarray]) -> float:
+    """``skew_ratio`` of the scores, or 0 where a log axis cannot show them (none, or negative)."""
     known = [s for s in scores if len(s)]
-    if not known or min(map(np.min, known)) < 0:  # a log axis cannot show negative scores
-        return False
-    return skew_ratio(known) > SKEW_RATIO
+    if not known or min(map(np.min, known)) < 0:
+        return 0.0
+    return skew_ratio(known)
 
 
 def log_bins(scores: Sequence[np.ndarray], bins: int) -> tuple[np.ndarray, float]:
@@ -463,10 +469,11 @@ def _plot(args: argparse.Namespace) -> int:
         raise CliError("plot needs matplotlib: pip install 'infobatch-stream[plot]'") from None
     snaps = [store.snapshot(e) for e in epochs]  # memory-mapped: holding them is cheap
     known = [s.scores for s in snaps if len(s)]
-    log = wants_log_axis(known) if args.log is None else args.log
+    skew = log_axis_skew(known) if args.log is None else None
+    log = skew > SKEW_RATIO if skew is not None else args.log
     if log:
         edges, floor = log_bins(known, args.bins)
-        why = "as asked" if args.log else f"max/median = {skew_ratio(known):.4g} > {SKEW_RATIO:g}"
+        why = "as asked" if skew is None else f"max/median = {skew:.4g} > {SKEW_RATIO:g}"
     else:
         span = (min(map(np.min, known)), max(map(np.max, known))) if known else (0.0, 1.0)
         edges, floor = np.linspace(float(span[0]), float(span[1]), args.bins + 1), None

@@ -108,7 +108,6 @@ class InfoBatchCallback(pl.Callback):
         self._epochs: Iterator[int] | None = None
         self._epoch: int | None = None      # the epoch begun (None between epochs)
         self._ended = False                 # whether its end_epoch() was called
-        self._committing = False            # an overlapped commit is in flight
 
     def bound(self, loader: Iterable) -> BoundLoader:
         """Wrap the train loader (in ``train_dataloader``): equal batches on every rank."""
@@ -158,16 +157,10 @@ class InfoBatchCallback(pl.Callback):
         if self._ended:
             return
         self._ended = True
-        if wait:
-            self.ib.end_epoch()
-        else:
-            self.ib.end_epoch(wait=False)
-            self._committing = True
+        self.ib.end_epoch(wait=wait)
 
     def _wait_for_commit(self) -> None:
-        if self._committing:
-            self.ib.wait()
-            self._committing = False
+        self.ib.wait()   # returns at once when no commit is in flight
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:

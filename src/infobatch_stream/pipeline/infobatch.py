@@ -28,7 +28,7 @@ from webdataset.handlers import reraise_exception
 from ..stages.draws import EpochDraws
 from ..stages.keyfn import KeyFunction, batch_key_hashes, resolve_key, sample_key
 from ..stages.plan import EpochPlan, plan_epoch
-from ..stages.policy import InfoBatchPolicy, PruningPolicy, RandomPolicy
+from ..stages.policy import POLICIES, PruningPolicy
 from ..stages.prune import DEFAULT_WINDOW, epoch_to_train, lookup_scores, soft_prune
 from ..storage import Manifest, ScoreSnapshot, ScoreStore, hash_keys
 from ..storage.checks import check_int
@@ -43,7 +43,6 @@ from .steps import StepBudget, equal_steps
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-POLICIES = {"infobatch": InfoBatchPolicy, "random": RandomPolicy}
 
 
 def _check_policy(policy: Any) -> None:

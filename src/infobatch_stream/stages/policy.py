@@ -231,3 +231,7 @@ class RandomPolicy(_ScheduledPolicy):
             return EpochRule(epoch, self.seed, None, 0.0, "known")
         below = np.count_nonzero(snapshot.scores < np.float64(snapshot.mean)) / len(snapshot)
         return EpochRule(epoch, self.seed, None, self.prune_ratio * below, "known", 1.0)
+
+
+# The built-in policies by the names ``InfoBatch(policy=...)`` takes.
+POLICIES: dict[str, type] = {"infobatch": InfoBatchPolicy, "random": RandomPolicy}
