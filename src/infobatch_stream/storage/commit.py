@@ -45,23 +45,13 @@ def _check_committer(store: StoreReader, lease: RunLease | None, run_id: str | N
         check_owner(store, run_id, takeover)
 
 
-def _committer_run(lease: RunLease | None, run_id: str | None) -> str | None:
-    if lease is None:
-        return run_id
-    if not isinstance(lease, RunLease):
-        raise TypeError(f"lease must be a RunLease from ScoreStore.begin_run, got {lease!r}")
-    if run_id is not None and run_id != lease.run_id:
-        raise ValueError(f"run_id={run_id!r} is not the lease's run ({lease.run_id!r}); pass one")
-    return lease.run_id
-
-
 def commit_epoch(store: StoreReader, epoch: int, *, lease: RunLease | None = None,
                  run_id: str | None = None, takeover: bool = False,
                  duplicates_expected: bool = False) -> Manifest:
     """``ScoreStore.commit``: see there for the semantics."""
     started = time.time()
     layout.check_epoch(epoch)
-    run_id = _committer_run(lease, run_id)
+    run_id = runs.lease_run_id(lease, run_id)
     store.files.ensure_marker(creating=True)
     store.files.check_layout()  # before anything is written: retention walks every folder
     latest = store.latest_epoch
@@ -136,7 +126,7 @@ def _write_snapshot(store: StoreReader, epoch: int, previous: ScoreSnapshot, rel
             finally:
                 os.close(live)
     except OSError as exc:
-        if isinstance(exc, StorageFullError) or not is_disk_full(exc):
+        if not is_disk_full(exc):
             raise
         advice = ("The disk that holds the store is full (a commit writes the new snapshot "
                   "next to the old ones): free space there" if store.local_root is not None

@@ -9,6 +9,7 @@ Only two things depend on the backend, and both are decided here:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import uuid
@@ -163,7 +164,8 @@ def remove(fs: AbstractFileSystem, path: str) -> None:
     is removed itself (never its target) and a directory is left alone."""
     local = local_path(fs, path)
     if local is not None:
-        remove_local_entry(local)
+        with contextlib.suppress(IsADirectoryError):   # unlink: a link itself, never its target
+            remove_local(local)
         return
     try:
         fs.rm_file(path)
@@ -211,15 +213,6 @@ def _remove_tree(path: str) -> None:
     try:
         os.rmdir(path)
     except FileNotFoundError:
-        pass
-
-
-def remove_local_entry(path: str) -> None:
-    """Unlink one directory entry (a file, or a link itself, never its target); a directory
-    or a missing entry is left alone."""
-    try:
-        os.unlink(path)
-    except (FileNotFoundError, IsADirectoryError):
         pass
 
 

@@ -124,8 +124,10 @@ class StoreReader:
         try:
             manifest = Manifest.from_json(self.files.read(relpath))
         except (IsADirectoryError, FileNotFoundError) as exc:
-            # A folder where the manifest should be (on an object store, a prefix: read as missing)
-            if isinstance(exc, FileNotFoundError) and not self.files.is_folder(relpath):
+            # A folder where the manifest should be: a local read raises IsADirectoryError; an
+            # object store reads a prefix as missing, so only there is a folder looked for.
+            if isinstance(exc, FileNotFoundError) and (
+                    self.local_root is not None or not self.files.is_folder(relpath)):
                 raise
             raise CorruptStoreError(self.files.path(relpath), "is a directory, not a manifest file",
                                     self.last_good_epoch(epoch)) from None

@@ -101,6 +101,18 @@ class RunLease:
                 f"{self.created_at} on host {self.host}, pid {self.pid})")
 
 
+def lease_run_id(lease: RunLease | None, run_id: str | None) -> str | None:
+    """The run id of a writer or committer: a lease brings its own; ``run_id`` alone is
+    low-level use. Refuses a lease that is not one, or a ``run_id`` other than the lease's."""
+    if lease is None:
+        return run_id
+    if not isinstance(lease, RunLease):
+        raise TypeError(f"lease must be a RunLease from ScoreStore.begin_run, got {lease!r}")
+    if run_id is not None and run_id != lease.run_id:
+        raise ValueError(f"run_id={run_id!r} is not the lease's run ({lease.run_id!r}); pass one")
+    return lease.run_id
+
+
 def describe_run(run_id: str | None) -> str:
     return "a run with no run id" if run_id is None else f"run {run_id!r}"
 

@@ -41,16 +41,18 @@ def select_deltas(store: StoreReader, epoch: int, names: list[str], work: str,
                   latest: int | None, lease: RunLease | None, run_id: str | None) -> Selection:
     """Open and check the deltas of ``epoch`` that this commit merges; sort out the rest.
 
-    ``names`` are in merge order (sorted: incarnation, rank, sequence).
+    ``names`` are in merge order (``DeltaName.merge_order``: incarnation, sequence, rank).
     """
     chosen = Selection()
+    writers: dict[int, str | bool | None] = {}  # incarnation -> its run, read once
     for name in names:
         parsed = layout.parse_delta_name(name)
         if lease is not None and parsed.incarnation != lease.incarnation \
                 and name not in lease.inherited:
-            _left_out_by_incarnation(store, chosen, name, parsed.incarnation, run_id, work)
+            _left_out_by_incarnation(store, chosen, name, parsed.incarnation, run_id, work,
+                                     writers)
             continue
-        delta = _open_delta(store, name, epoch, work, latest)
+        delta = _open_delta(store, name, parsed, epoch, work, latest)
         writer_run = delta.meta.get("run_id")
         if writer_run != run_id:
             chosen.other_runs[name] = runs.describe_run(writer_run)
@@ -63,29 +65,40 @@ def select_deltas(store: StoreReader, epoch: int, names: list[str], work: str,
 
 
 def _left_out_by_incarnation(store: StoreReader, chosen: Selection, name: str, incarnation: int,
-                             run_id: str | None, work: str) -> None:
+                             run_id: str | None, work: str,
+                             writers: dict[int, str | bool | None]) -> None:
     """A delta of another incarnation, not inherited: a superseded process's of this run, or
-    another run's. Told apart by the incarnation's record (when retention kept it), else by
-    the run id in the file's metadata; never merged either way."""
-    writer_run: str | bool | None = False  # False: unknown
-    try:
+    another run's. Told apart by the incarnation's record (when retention kept it; read once
+    per incarnation into ``writers``), else by the run id in the file's metadata; never
+    merged either way."""
+    if incarnation > 0 and incarnation in writers:
+        writer_run = writers[incarnation]
+    else:
+        writer_run = _writer_run(store, name, incarnation, work)
         if incarnation > 0:
-            writer_run = runs.read_record(store.files, incarnation).run_id
-        else:
-            writer_run = read_table_meta(store.files.local_copy(name, work)).get("run_id")
-    except (StoreError, OSError, ValueError):
-        pass
+            writers[incarnation] = writer_run
     if writer_run is False or writer_run == run_id:
         chosen.superseded[name] = incarnation
     else:
         chosen.other_runs[name] = runs.describe_run(writer_run)
 
 
-def _open_delta(store: StoreReader, name: str, epoch: int, work: str, latest: int | None) -> TableFile:
+def _writer_run(store: StoreReader, name: str, incarnation: int, work: str) -> str | bool | None:
+    """The run that wrote delta ``name`` of ``incarnation``; False when it cannot be told."""
+    try:
+        if incarnation > 0:
+            return runs.read_record(store.files, incarnation).run_id
+        return read_table_meta(store.files.local_copy(name, work)).get("run_id")
+    except (StoreError, OSError, ValueError):
+        return False
+
+
+def _open_delta(store: StoreReader, name: str, parsed: layout.DeltaName, epoch: int, work: str,
+                latest: int | None) -> TableFile:
     local = None
     try:
         local = store.files.local_copy(name, work)
-        return open_delta(local, epoch, layout.parse_delta_name(name))
+        return open_delta(local, epoch, parsed)
     except ValueError as exc:
         if local is not None and not os.path.lexists(local):  # removed while being opened
             raise FileNotFoundError(store.files.path(name)) from None

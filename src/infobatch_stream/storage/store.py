@@ -86,7 +86,7 @@ class ScoreStore(StoreReader):
         A commit merges one run's deltas: those whose run id is the commit's (``lease``'s
         or ``run_id``; no run id matches only no run id). With a ``lease`` it merges only
         the lease's incarnation's deltas and those it ``inherited``, in (incarnation,
-        rank, sequence) order, later wins, and is refused (``FencedError``) once a newer
+        sequence, rank) order, later wins, and is refused (``FencedError``) once a newer
         incarnation exists. Everything else is left out, reported, and removed by
         retention. Without a lease, a run other than the store's owner is refused
         (``OwnershipError``) unless ``takeover``. Two updates of one key in the epoch are

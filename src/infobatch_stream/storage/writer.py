@@ -15,7 +15,7 @@ from . import layout
 from .checks import check_int
 from .files import StoreFiles
 from .keys import as_scores, hash_keys
-from .runs import RunLease, check_fence
+from .runs import RunLease, check_fence, lease_run_id
 from .tables import DELTA_SCHEMA, write_table_file
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,10 @@ class DeltaWriter:
     ``lease`` (from ``ScoreStore.begin_run``) tags each delta with its run and incarnation
     and fences the writer: before each write it checks that no newer incarnation of the run
     exists (``FencedError`` if one does). ``run_id`` tags deltas without a lease (low-level
-    use, incarnation 0). Delta names carry (incarnation, rank, sequence), which order a
-    commit's merge; the sequence continues after this rank's deltas already in the epoch,
-    so a later writer's deltas win over an earlier one's, whatever the clocks say.
+    use, incarnation 0). Delta names carry (incarnation, rank, sequence); a commit merges
+    in (incarnation, sequence, rank) order; the sequence continues after this rank's deltas
+    already in the epoch, so a later writer's deltas win over an earlier one's, whatever the
+    clocks say.
 
     >>> writer = store.writer(epoch=0, rank=0)
     >>> writer.record(["a", "b"], [0.7, 1.3])
@@ -281,10 +282,4 @@ def _identity(lease: RunLease | None, run_id: str | None) -> tuple[RunLease | No
     """(lease, run id) of a writer: a lease brings its run id; ``run_id`` alone is low-level use."""
     if run_id is not None and not isinstance(run_id, str):
         raise TypeError(f"run_id must be a str or None, got {type(run_id).__name__}")
-    if lease is None:
-        return None, run_id
-    if not isinstance(lease, RunLease):
-        raise TypeError(f"lease must be a RunLease from ScoreStore.begin_run, got {lease!r}")
-    if run_id is not None and run_id != lease.run_id:
-        raise ValueError(f"run_id={run_id!r} is not the lease's run ({lease.run_id!r}); pass one")
-    return lease, lease.run_id
+    return lease, lease_run_id(lease, run_id)
