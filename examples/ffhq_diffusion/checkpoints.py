@@ -73,12 +73,6 @@ class OutputDir:
             os.fsync(f.fileno())
         os.replace(temporary, target)
 
-    def read(self, name: str) -> bytes | None:
-        try:
-            return self.fs.cat_file(f"{self.root}/{name}")
-        except FileNotFoundError:
-            return None
-
     def publish(self, name: str) -> None:
         """Make the local file or folder ``name`` part of ``--output_dir`` (uploaded if remote)."""
         if not self.remote:
@@ -102,11 +96,12 @@ class OutputDir:
     def checkpoints(self) -> tuple[list[str], list[str]]:
         """(complete, incomplete) checkpoint folder names, each sorted by step."""
         if self.remote:
-            self.fs.invalidate_cache(self.root)   # another process (a killed job) wrote here
+            self.fs.invalidate_cache()   # another process (a killed job) wrote here, below too
         names = [os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)]
         names = sorted((n for n in names if CHECKPOINT.fullmatch(n)), key=step_of)
-        complete = [n for n in names if self.fs.exists(f"{self.root}/{n}/{STATE}")]
-        return complete, [n for n in names if n not in complete]
+        # One listing for all of them, not a request per checkpoint.
+        done = {p.rstrip("/").split("/")[-2] for p in self.fs.glob(f"{self.root}/checkpoint-*/{STATE}")}
+        return [n for n in names if n in done], [n for n in names if n not in done]
 
     def latest(self) -> str | None:
         """The complete checkpoint of the highest step, or None."""

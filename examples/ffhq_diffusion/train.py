@@ -210,9 +210,11 @@ def build_loader(args: argparse.Namespace, ib: ibs.InfoBatch, first_epoch: int,
                          persistent_workers=workers > 0)
 
 
-def count_samples(pattern: str) -> int:
-    return sum(1 for _ in wds.WebDataset(shard_urls(pattern), shardshuffle=False,
-                                         nodesplitter=None, empty_check=False))
+def count_samples(pattern: str, accelerator: Accelerator) -> int:
+    """The samples in the shards: each process counts its own (``split_by_node``), once."""
+    mine = sum(1 for _ in wds.WebDataset(shard_urls(pattern), shardshuffle=False,
+                                         nodesplitter=wds.split_by_node, empty_check=False))
+    return int(accelerator.reduce(torch.tensor(mine, device=accelerator.device), reduction="sum"))
 
 
 # -- model --------------------------------------------------------------------------------
@@ -791,7 +793,7 @@ def main(argv: list[str] | None = None) -> dict:
     ib = ibs.InfoBatch(args.store or out.url_of("scores"), num_epochs=args.num_epochs,
                        prune_ratio=0.0 if args.no_prune else args.prune_ratio, delta=args.delta,
                        seed=args.seed, storage_options=options or None, policy=args.policy)
-    dataset_size = args.dataset_size or count_samples(args.shards)
+    dataset_size = args.dataset_size or count_samples(args.shards, accelerator)
     run = build_run(args, accelerator, out, ib, dataset_size)
     accelerator.init_trackers("ffhq_diffusion")
     resume(run, options)
