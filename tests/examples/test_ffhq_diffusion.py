@@ -89,17 +89,17 @@ def summary_of(url: str, storage_options: dict | None = None) -> dict:
         return json.load(f)
 
 
-def settled_latest_epoch(url: str, options: dict, cache: str) -> int | None:
-    """The store's last committed epoch once it stops changing: a request the killed processes
-    had already sent (an overlapped commit's manifest) may still land on the server."""
-    seen = None
+def settled(read):
+    """``read()`` once it stops changing: requests the killed processes had already sent (an
+    overlapped commit's manifest, a checkpoint's last file) may still land on the server."""
+    seen = read()
     for _ in range(20):
-        latest = ibs.ScoreStore(url, options, cache_dir=cache).latest_epoch
-        if latest == seen:
-            return latest
-        seen = latest
         time.sleep(0.5)
-    raise AssertionError(f"{url} kept changing after the kill")
+        now = read()
+        if now == seen:
+            return now
+        seen = now
+    raise AssertionError("the output kept changing after the kill")
 
 
 def json_at(path) -> dict:
@@ -279,10 +279,11 @@ def test_two_processes_on_s3_with_ema_and_accumulation_killed_and_resumed(
     assert "x 2 ranks x 2 accumulation" in killed_log and "EMA" in killed_log
     fs = s3_server.filesystem()
     assert not fs.exists(f"{s3_bucket}/runs/ddp/summary.json"), "the run finished before the kill"
-    latest = checkpoints.OutputDir(out, options).latest()
+    latest, committed = settled(lambda: (
+        checkpoints.OutputDir(out, options).latest(),
+        ibs.ScoreStore(f"{out}/scores", options, cache_dir=s3_env["INFOBATCH_STREAM_CACHE"]).latest_epoch))
     saved = json.loads(fs.cat_file(f"{s3_bucket}/runs/ddp/{latest}/{checkpoints.STATE}"))
     assert fs.exists(f"{s3_bucket}/runs/ddp/{latest}/unet_ema/diffusion_pytorch_model.safetensors")
-    committed = settled_latest_epoch(f"{out}/scores", options, s3_env["INFOBATCH_STREAM_CACHE"])
     # Usually the checkpoint is mid-epoch 1 and epoch 0 is the last committed. A slow reader
     # of the log may let the epoch end first (its commit, maybe its checkpoint): the store is
     # then one epoch ahead of the checkpoint, or both are; resuming must follow the store.
